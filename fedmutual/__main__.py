@@ -1,0 +1,5 @@
+import sys
+
+from fedmutual.cli import main
+
+sys.exit(main())

@@ -1,0 +1,11 @@
+"""One short file per algorithm."""
+
+from fedmutual.algorithms.base import Algorithm, Context
+from fedmutual.algorithms.fedavg import FedAvg
+from fedmutual.algorithms.fedprox import FedProx
+from fedmutual.algorithms.fml import FML
+from fedmutual.algorithms.local import Local
+
+REGISTRY: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, Local, FML)}
+
+__all__ = ["Algorithm", "Context", "REGISTRY", "FedAvg", "FedProx", "FML", "Local"]

@@ -1,0 +1,117 @@
+"""What every algorithm sees (the :class:`Context`) and provides (the :class:`Algorithm` interface)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedmutual.config import Config
+from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
+from fedmutual.models import build_model
+from fedmutual.seeding import derive_seed
+from fedmutual.transport import InProcessTransport, Message
+
+
+@dataclass
+class ClientData:
+    """One client's private data, already on the run's device."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return len(self.y)
+
+
+@dataclass
+class Context:
+    """The run as an algorithm sees it: config, data, transport and seed streams."""
+
+    cfg: Config
+    clients: list[ClientData]
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    device: torch.device
+    transport: InProcessTransport
+    on_step: Callable[[], None] | None = None
+
+    def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
+        """A freshly initialized model whose weights depend only on the run seed and ``stream``."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            model = build_model(name or self.cfg.model, self.input_shape, self.num_classes)
+        return model.to(self.device)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        return sgd(model, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
+
+    def lr_at(self, t: int) -> float:
+        """The learning rate of round t: constant, or x0.1 at T/3 and 2T/3 (``lr_schedule = "step"``)."""
+        if self.cfg.lr_schedule == "constant":
+            return self.cfg.lr
+        T = self.cfg.rounds
+        return self.cfg.lr * 0.1 ** sum(t >= m for m in (T / 3, 2 * T / 3))
+
+    def job(self, k: int, t: int, members: list[Member]) -> ClientJob:
+        """Client k's training job of round t on its own data."""
+        for m in members:
+            for g in m.optimizer.param_groups:
+                g["lr"] = self.lr_at(t)
+        d = self.clients[k]
+        return ClientJob(
+            client=k, members=members, x=d.x, y=d.y, epochs=self.cfg.local_epochs,
+            batch_size=self.cfg.batch_size, shuffle_seed=derive_seed(self.cfg.seed, "shuffle", k, t),
+        )
+
+    def train(self, jobs: list[ClientJob], t: int) -> list[JobResult]:
+        return run_cohort(jobs, t, self.on_step)
+
+    def send(self, src: str, dst: str, tensors: dict[str, torch.Tensor], **meta: object) -> Message:
+        """Send a message through the run's transport; returns what the receiver parsed."""
+        return self.transport.send(src, dst, Message(dict(tensors), {k: str(v) for k, v in meta.items()}))
+
+
+def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state as a plain dict of detached tensors (what goes into a message)."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def client_name(k: int) -> str:
+    return f"client{k}"
+
+
+class Algorithm(ABC):
+    """One federated method. Subclasses implement :meth:`round` in the paper's words.
+
+    ``global_model`` is None where the method has none; ``client_model(k)`` is
+    client k's deployable model (evaluated on the test set and its validation split).
+    """
+
+    name = "base"
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+
+    @abstractmethod
+    def round(self, t: int, participants: list[int]) -> dict[str, float]:
+        """Run round t with the sampled ``participants``; returns training statistics."""
+
+    def global_model(self) -> nn.Module | None:
+        return None
+
+    @abstractmethod
+    def client_model(self, k: int) -> nn.Module:
+        """Client k's deployable model."""
+
+
+def mean_loss(results: list[JobResult], member: int = 0) -> float:
+    """Mean over clients of one member's mean training loss."""
+    vals = [r.loss[member] for r in results if r.steps]
+    return sum(vals) / len(vals) if vals else float("nan")

@@ -1,0 +1,183 @@
+"""One typed, validated configuration tree.
+
+A :class:`Config` comes from defaults, an optional TOML or JSON file, command-line
+flags and ``--set dotted.key=value`` overrides, in that order. Unknown keys are
+refused; every invalid value is reported with its key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fedmutual.errors import ConfigError
+from fedmutual.schedules import Schedule
+
+ALGORITHMS = ("fedavg", "fedprox", "local", "fml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class FMLConfig(_Strict):
+    """FML (Shen et al. 2023): alpha weighs the personalized model's CE, beta the meme's."""
+
+    alpha: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
+    beta: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
+    weighted: bool = False  # the paper averages memes uniformly; True weighs by client samples
+    temperature: float = Field(default=1.0, gt=0)
+
+
+class FedAvgConfig(_Strict):
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+class FedProxConfig(_Strict):
+    mu: float = Field(default=0.01, ge=0)
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+class Config(_Strict):
+    """Everything that defines a run. Defaults follow the FML paper where it speaks."""
+
+    algorithm: Literal["fedavg", "fedprox", "local", "fml"] = "fml"
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    download: bool = False
+    partition: str = "shards:2"
+    clients: int = Field(default=5, ge=1)
+    model: str = "lenet5"
+    rounds: int = Field(default=10, ge=1)
+    local_epochs: int = Field(default=1, ge=1)
+    batch_size: int = Field(default=128, ge=1)
+    lr: float = Field(default=0.01, gt=0)
+    momentum: float = Field(default=0.9, ge=0, lt=1)
+    weight_decay: float = Field(default=5e-4, ge=0)
+    lr_schedule: Literal["constant", "step"] = "constant"
+    sample_fraction: float = Field(default=1.0, gt=0, le=1)
+    seed: int = 0
+    limit_train: int | None = Field(default=None, ge=1)
+    limit_test: int | None = Field(default=None, ge=1)
+    val_size: int | None = Field(default=None, ge=1)
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    threads: int | None = Field(default=None, ge=1)
+    eval_every: int = Field(default=1, ge=1)
+    eval_batch_size: int = Field(default=1000, ge=1)
+    out: str = "runs"
+    name: str | None = None
+    progress: bool = True
+    fml: FMLConfig = Field(default_factory=FMLConfig)
+    fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
+    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+
+    @field_validator("partition")
+    @classmethod
+    def _partition(cls, v: str) -> str:
+        from fedmutual.data.partition import parse_partition
+
+        try:
+            parse_partition(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: str) -> str:
+        from fedmutual.models import ZOO
+
+        if v.lower() not in ZOO:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(sorted(ZOO))}")
+        return v.lower()
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset(cls, v: str) -> str:
+        from fedmutual.data.datasets import DATASETS
+
+        if v.lower() not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
+        return v.lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _describe(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            allowed = e.get("ctx", {}).get("expected", "")
+            msg = f"invalid value {e.get('input')!r}; allowed: {allowed}"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        else:
+            msg = f"{msg} (got {e.get('input')!r})"
+        lines.append(f"{key}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    """Build a Config from a nested dict, turning validation errors into one plain ConfigError."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def load_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or JSON config file into a nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        if p.suffix == ".json":
+            return json.loads(p.read_text())
+        return tomllib.loads(p.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {str(p)!r}: {e}") from None
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is read as TOML, else as a string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    key, text = assignment.split("=", 1)
+    parts = [p for p in key.strip().split(".") if p]
+    if not parts:
+        raise ConfigError(f"--set expects dotted.key=value, got {assignment!r}")
+    node = data
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None or not isinstance(child, dict):
+            child = {} if child is None else {"kind": "constant", "value": child} if isinstance(child, (int, float)) else child
+            node[p] = child
+        node = child
+    node[parts[-1]] = _parse_value(text.strip())
+
+
+def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None, sets: list[str] | None = None) -> Config:
+    """Defaults <- file <- flat overrides (command-line flags) <- ``--set`` assignments."""
+    data: dict[str, Any] = load_file(file) if file else {}
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            data[k] = v
+    for s in sets or []:
+        apply_override(data, s)
+    return validate(data)

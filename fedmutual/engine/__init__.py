@@ -1,0 +1,1 @@
+"""Runs algorithms: client cohorts, sampling, rounds, metrics."""

@@ -1,0 +1,134 @@
+"""Client work on cohorts: the one mutual-learning training loop.
+
+An algorithm describes, for each participating client, which models train
+together (the *members*), with which loss weights, on which data. The engine
+runs the whole cohort of such jobs. Every algorithm trains through
+:func:`run_cohort`; FedAvg is a cohort of one model per client, FML of two.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from fedmutual.errors import NonFiniteLossError
+from fedmutual.losses import CEFn, cross_entropy, mutual_loss
+from fedmutual.seeding import torch_generator
+
+
+@dataclass
+class Member:
+    """One model in a client's mutual-learning step and its share of the loss.
+
+    ``prox_mu`` and ``prox_ref`` add FedProx's (mu/2)·||w - w_ref||² to this member's loss.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    w_ce: float = 1.0
+    w_kl: float = 0.0
+    prox_mu: float = 0.0
+    prox_ref: list[torch.Tensor] | None = None
+
+
+@dataclass
+class ClientJob:
+    """What one client trains this round: its members, its data, and its shuffling stream."""
+
+    client: int
+    members: list[Member]
+    x: torch.Tensor
+    y: torch.Tensor
+    epochs: int
+    batch_size: int
+    shuffle_seed: int
+    temperature: float = 1.0
+    ce: CEFn = cross_entropy
+    peers: Sequence[Sequence[int]] | None = None
+
+
+@dataclass
+class JobResult:
+    client: int
+    steps: int = 0
+    loss: list[float] = field(default_factory=list)  # mean loss per member over the job
+
+
+def batch_order(n: int, batch_size: int, seed: int, epoch: int) -> list[torch.Tensor]:
+    """The mini-batches of one epoch: a seeded permutation of ``range(n)``, last batch kept even if short."""
+    perm = torch.randperm(n, generator=torch_generator(seed, "epoch", epoch))
+    return list(perm.split(batch_size))
+
+
+def prox_term(model: nn.Module, ref: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term (mu/2)·||w - w_ref||²."""
+    return 0.5 * mu * sum(((p - r) ** 2).sum() for p, r in zip(model.parameters(), ref))
+
+
+def train_job(job: ClientJob, round: int, on_step: Callable[[], None] | None = None) -> JobResult:
+    """Run one client's job with a plain loop over its members."""
+    result = JobResult(job.client, loss=[0.0] * len(job.members))
+    for m in job.members:
+        m.model.train()
+    n = len(job.y)
+    for epoch in range(job.epochs):
+        for idx in batch_order(n, job.batch_size, job.shuffle_seed, epoch):
+            idx = idx.to(job.x.device)
+            xb, yb = job.x[idx], job.y[idx]
+            logits = [m.model(xb) for m in job.members]
+            total, parts = mutual_loss(
+                logits, yb, [m.w_ce for m in job.members], [m.w_kl for m in job.members],
+                job.temperature, job.ce, job.peers,
+            )
+            for m in job.members:
+                if m.prox_mu and m.prox_ref is not None:
+                    total = total + prox_term(m.model, m.prox_ref, m.prox_mu)
+            value = float(total.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(job.client, round, value)
+            for m in job.members:
+                m.optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            for m in job.members:
+                m.optimizer.step()
+            for i, p in enumerate(parts):
+                result.loss[i] += float(p.detach())
+            result.steps += 1
+            if on_step is not None:
+                on_step()
+    if result.steps:
+        result.loss = [v / result.steps for v in result.loss]
+    return result
+
+
+def count_steps(jobs: Sequence[ClientJob]) -> int:
+    """Total optimizer steps the cohort will take (for progress bars)."""
+    return sum(j.epochs * math.ceil(len(j.y) / j.batch_size) for j in jobs)
+
+
+def run_cohort(jobs: Sequence[ClientJob], round: int, on_step: Callable[[], None] | None = None) -> list[JobResult]:
+    """Train every job of the cohort; returns one result per job, in order."""
+    return [train_job(job, round, on_step) for job in jobs]
+
+
+def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """The paper's optimizer: SGD with momentum and weight decay."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    """Top-1 accuracy of ``model`` on (x, y), in eval mode."""
+    if len(y) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for s in range(0, len(y), batch_size):
+        correct += int((model(x[s : s + batch_size]).argmax(-1) == y[s : s + batch_size]).sum())
+    model.train(was_training)
+    return correct / len(y)

@@ -1,0 +1,194 @@
+"""The round loop: data, partition, algorithm, evaluation and the run directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fedmutual.algorithms import REGISTRY, Algorithm
+from fedmutual.algorithms.base import ClientData, Context, client_name
+from fedmutual.config import Config
+from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
+from fedmutual.engine.cohort import accuracy, count_steps
+from fedmutual.engine.setup import configure_threads, resolve_device
+from fedmutual.errors import ConfigError, NonFiniteLossError
+from fedmutual.report.metrics import MetricsWriter, summarize, write_json
+from fedmutual.report.plots import plot_run
+from fedmutual.report.tables import markdown_table, summary_rows
+from fedmutual.seeding import numpy_rng
+from fedmutual.transport import InProcessTransport
+
+
+@dataclass
+class RunResult:
+    """What a finished run returns: its directory, its per-round metrics and its summary."""
+
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+@dataclass
+class Prepared:
+    """The data of a run, split among clients: a pure function of the config's data fields and seed."""
+
+    dataset: ArrayDataset
+    parts: list[np.ndarray]
+    val: list[np.ndarray]
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def prepare_data(cfg: Config) -> Prepared:
+    """Load the dataset, take the seeded stratified limits, partition it and draw validation splits."""
+    ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.download)
+    tx, ty, vx, vy = ds.train_x, ds.train_y, ds.test_x, ds.test_y
+    if cfg.limit_train is not None and cfg.limit_train < len(ty):
+        idx = torch.from_numpy(stratified_subset(ty.numpy(), cfg.limit_train, cfg.seed))
+        tx, ty = tx[idx], ty[idx]
+    if cfg.limit_test is not None and cfg.limit_test < len(vy):
+        idx = torch.from_numpy(stratified_subset(vy.numpy(), cfg.limit_test, cfg.seed + 1))
+        vx, vy = vx[idx], vy[idx]
+    if cfg.clients > len(ty):
+        raise ConfigError(f"clients: {cfg.clients} clients but only {len(ty)} training samples; use fewer clients or more data")
+    parts = partition(ty.numpy(), cfg.partition, cfg.clients, cfg.seed)
+    val = validation_splits(parts, ty.numpy(), vy.numpy(), ds.num_classes, cfg.val_size, cfg.seed)
+    return Prepared(ds, parts, val, tx, ty, vx, vy)
+
+
+def _run_dir(cfg: Config) -> Path:
+    base = Path(cfg.out)
+    name = cfg.name or f"{cfg.algorithm}-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+    path, i = base / name, 1
+    while path.exists():
+        i += 1
+        path = base / f"{name}-{i}"
+    path.mkdir(parents=True)
+    return path
+
+
+def sample_participants(cfg: Config, t: int) -> list[int]:
+    """The clients of round t: all, or a seeded fraction (at least one)."""
+    if cfg.sample_fraction >= 1.0:
+        return list(range(cfg.clients))
+    m = max(1, int(round(cfg.sample_fraction * cfg.clients)))
+    return sorted(numpy_rng(cfg.seed, "sampling", t).choice(cfg.clients, size=m, replace=False).tolist())
+
+
+def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, Any]:
+    """global_acc, and each client's deployable model on the test set and on its validation split."""
+    bs = ctx.cfg.eval_batch_size
+    cache: dict[int, float] = {}  # test accuracy per model object, so a shared model is evaluated once
+
+    def test_acc(model: torch.nn.Module) -> float:
+        if id(model) not in cache:
+            cache[id(model)] = accuracy(model, test_x, test_y, bs)
+        return cache[id(model)]
+
+    g = alg.global_model()
+    out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
+    models = [alg.client_model(k) for k in range(len(ctx.clients))]
+    out["client_acc_global_test"] = [test_acc(m) for m in models]
+    out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) for m, d in zip(models, ctx.clients)]
+    out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
+    out["personal_acc_mean"] = float(np.nanmean(out["personal_acc"]))
+    return out
+
+
+def _log(msg: str, quiet: bool) -> None:
+    if not quiet:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(cfg: Config, quiet: bool = False) -> RunResult:
+    """Run one federated experiment end to end and write its run directory.
+
+    Metrics are appended after every round, so an interrupted or failed run
+    keeps everything it finished. A non-finite loss stops the run with
+    :class:`NonFiniteLossError` after the summary is written with status "failed".
+    """
+    threads = configure_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    data = prepare_data(cfg)
+    ds = data.dataset
+    run_dir = _run_dir(cfg)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    (run_dir / "partition.json").write_text(json.dumps({
+        "train_sizes": [len(p) for p in data.parts], "val_sizes": [len(v) for v in data.val],
+        "label_counts": [np.bincount(data.train_y.numpy()[p], minlength=ds.num_classes).tolist() for p in data.parts],
+    }) + "\n")
+    _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
+         f"{cfg.clients} clients, {cfg.partition}, {cfg.model}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
+
+    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    clients = [
+        ClientData(data.train_x[p].to(device), data.train_y[p].to(device), data.test_x[v].to(device), data.test_y[v].to(device))
+        for p, v in zip(data.parts, data.val)
+    ]
+    ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device))
+    alg = REGISTRY[cfg.algorithm](ctx)
+    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    show = cfg.progress and not quiet
+    rounds_bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", disable=not show, file=sys.stderr, position=0)
+    status = "completed"
+    try:
+        for t in range(cfg.rounds):
+            participants = sample_participants(cfg, t)
+            steps = count_steps([ctx.job(k, t, []) for k in participants])
+            step_bar = tqdm(total=steps, desc=f"round {t + 1}", unit="step", leave=False, disable=not show, file=sys.stderr, position=1)
+            ctx.on_step = lambda: step_bar.update(1)
+            start = time.perf_counter()
+            stats = alg.round(t, participants)
+            step_bar.close()
+            sent, received = ctx.transport.reset_counts()
+            row: dict[str, Any] = {"round": t + 1, "participants": participants}
+            last = t + 1 == cfg.rounds
+            if (t + 1) % cfg.eval_every == 0 or last:
+                row.update(evaluate(alg, ctx, test_x, test_y))
+            else:
+                row.update({"global_acc": None, "client_acc_global_test": None, "personal_acc": None})
+            up = [sent.get(client_name(k), 0) for k in range(cfg.clients)]
+            down = [received.get(client_name(k), 0) for k in range(cfg.clients)]
+            row.update({"bytes_up": sum(up), "bytes_down": sum(down), "bytes_up_per_client": up, "bytes_down_per_client": down})
+            row.update({k: float(v) for k, v in stats.items()})
+            row["seconds"] = time.perf_counter() - start
+            writer.write(row)
+            rounds_bar.set_postfix_str(_postfix(row))
+            rounds_bar.update(1)
+    except NonFiniteLossError:
+        status = "failed"
+        raise
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        rounds_bar.close()
+        summary = summarize(writer.rows, status)
+        write_json(run_dir / "summary.json", summary)
+        if writer.rows:
+            plot_run(writer.rows, run_dir / "accuracy.png", f"{cfg.algorithm} · {ds.name} · {cfg.partition} · {cfg.model}")
+    if not quiet:
+        header, rows = summary_rows({cfg.algorithm: summary})
+        print(markdown_table(header, rows))
+        print(f"run directory: {run_dir}")
+    return RunResult(run_dir, writer.rows, summary)
+
+
+def _postfix(row: dict[str, Any]) -> str:
+    parts = []
+    if row.get("global_acc") is not None:
+        parts.append(f"global {100 * row['global_acc']:.2f}%")
+    if row.get("personal_acc_mean") is not None:
+        parts.append(f"personal {100 * row['personal_acc_mean']:.2f}%")
+    return ", ".join(parts)

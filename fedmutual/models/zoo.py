@@ -1,0 +1,105 @@
+"""The model zoo of ALGORITHMS.md: MLP, LeNet5, CNN1 and CNN2.
+
+Every zoo model is a flat ``nn.Sequential`` of standard layers. That keeps the
+``state_dict`` keys plain (``"0.weight"``, ...), lets the engine convert a group
+of identical models into one stacked model, and lets a named prefix of layers
+serve as a shared encoder.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from fedmutual.errors import ConfigError
+
+InputShape = tuple[int, int, int]
+
+
+def _flat_size(layers: nn.Sequential, input_shape: InputShape) -> int:
+    with torch.no_grad():
+        return int(layers(torch.zeros(1, *input_shape)).numel())
+
+
+def mlp(input_shape: InputShape, num_classes: int) -> nn.Sequential:
+    """flatten -> FC 200 -> ReLU -> FC 200 -> ReLU -> FC C (McMahan et al. 2017)."""
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(c * h * w, 200),
+        nn.ReLU(),
+        nn.Linear(200, 200),
+        nn.ReLU(),
+        nn.Linear(200, num_classes),
+    )
+
+
+def lenet5(input_shape: InputShape, num_classes: int) -> nn.Sequential:
+    """LeNet5; the first conv is padded by 2 on inputs smaller than 32x32."""
+    c, h, _ = input_shape
+    pad = 2 if h < 32 else 0
+    features = nn.Sequential(
+        nn.Conv2d(c, 6, 5, padding=pad),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    n = _flat_size(features, input_shape)
+    return nn.Sequential(
+        *features,
+        nn.Linear(n, 120),
+        nn.ReLU(),
+        nn.Linear(120, 84),
+        nn.ReLU(),
+        nn.Linear(84, num_classes),
+    )
+
+
+def cnn1(input_shape: InputShape, num_classes: int) -> nn.Sequential:
+    """Two unpadded 3x3 convs (6, 16 channels), each -> maxpool 2 -> ReLU, then FC 120 -> FC C."""
+    c = input_shape[0]
+    features = nn.Sequential(
+        nn.Conv2d(c, 6, 3),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Conv2d(6, 16, 3),
+        nn.MaxPool2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+    n = _flat_size(features, input_shape)
+    return nn.Sequential(*features, nn.Linear(n, 120), nn.ReLU(), nn.Linear(120, num_classes))
+
+
+def cnn2(input_shape: InputShape, num_classes: int) -> nn.Sequential:
+    """Three 3x3 convs of 128 channels (padding 1), each -> maxpool 2 -> ReLU, then FC C."""
+    c = input_shape[0]
+    layers: list[nn.Module] = []
+    for i in range(3):
+        layers += [nn.Conv2d(c if i == 0 else 128, 128, 3, padding=1), nn.MaxPool2d(2), nn.ReLU()]
+    features = nn.Sequential(*layers, nn.Flatten())
+    n = _flat_size(features, input_shape)
+    return nn.Sequential(*features, nn.Linear(n, num_classes))
+
+
+ZOO: dict[str, Callable[[InputShape, int], nn.Sequential]] = {
+    "mlp": mlp,
+    "lenet5": lenet5,
+    "cnn1": cnn1,
+    "cnn2": cnn2,
+}
+
+
+def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Module:
+    """Build a zoo model by name for inputs of ``input_shape`` (C, H, W)."""
+    key = name.lower()
+    if key not in ZOO:
+        raise ConfigError(f"unknown model {name!r}; allowed: {', '.join(sorted(ZOO))}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+    return ZOO[key](tuple(input_shape), num_classes)
