@@ -1,0 +1,1 @@
+"""Metrics files, tables and plots."""
