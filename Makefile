@@ -1,0 +1,33 @@
+# Two commands on a fresh machine:  make run  (install + main job),  make test  (install + tests).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup data run test test-all bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.13.0"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $@
+
+data:
+	sh scripts/ensure-data.sh
+
+run: setup data
+	$(PY) -m fedmutual run
+
+test: setup data
+	$(PY) -m pytest -q
+
+test-all: setup data
+	$(PY) -m pytest -q -m ""
+
+bench: setup data
+	$(PY) benchmarks/engine.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
