@@ -1,0 +1,83 @@
+"""End-to-end runs on a real Fashion-MNIST subset."""
+
+import json
+
+import pytest
+import torch
+
+from fedmutual.algorithms import REGISTRY, FedAvg
+from fedmutual.config import Config
+from fedmutual.engine.runner import run, sample_participants
+from fedmutual.errors import NonFiniteLossError
+from fedmutual.report.metrics import read_metrics
+
+QUICK = dict(clients=5, limit_train=2500, limit_test=1000, rounds=2, progress=False)
+
+
+def _without_timing(rows):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def test_fml_learns_on_real_fashion_mnist(tmp_path):
+    # 5 clients with 1,000 samples each; chance is 10%
+    res = run(Config(algorithm="fml", partition="iid", clients=5, limit_train=5000, limit_test=2000,
+                     rounds=3, local_epochs=2, out=str(tmp_path), progress=False), quiet=True)
+    assert res.metrics[-1]["global_acc"] >= 0.70, res.metrics
+    assert res.metrics[-1]["personal_acc_mean"] >= 0.70
+    files = {p.name for p in res.run_dir.iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "accuracy.png", "partition.json"} <= files
+    rows = read_metrics(res.run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    for key in ("global_acc", "client_acc_global_test", "personal_acc", "bytes_up", "bytes_down", "seconds"):
+        assert key in rows[0]
+    assert len(rows[0]["client_acc_global_test"]) == 5 and len(rows[0]["personal_acc"]) == 5
+    summary = json.loads((res.run_dir / "summary.json").read_text())
+    assert summary["final_global_acc"] == rows[-1]["global_acc"]
+    assert summary["best_global_acc"] == max(r["global_acc"] for r in rows)
+    assert summary["status"] == "completed"
+
+
+def test_bytes_are_the_serialized_model_size(tmp_path):
+    res = run(Config(algorithm="fedavg", out=str(tmp_path), **QUICK), quiet=True)
+    n_params = 61706  # LeNet5 on 1x28x28, 10 classes
+    row = res.metrics[0]
+    for up, down in zip(row["bytes_up_per_client"], row["bytes_down_per_client"]):
+        assert 4 * n_params < up < 4 * n_params + 2048  # float32 payload plus the safetensors header
+        assert 4 * n_params < down < 4 * n_params + 2048
+    assert row["bytes_up"] == sum(row["bytes_up_per_client"])
+    local = run(Config(algorithm="local", out=str(tmp_path), **QUICK), quiet=True)
+    assert local.metrics[0]["bytes_up"] == 0 and local.metrics[0]["global_acc"] is None
+
+
+def test_same_seed_same_metrics_and_rerun_from_config_json(tmp_path):
+    cfg = Config(algorithm="fml", partition="dirichlet:0.5", out=str(tmp_path), **QUICK)
+    a, b = run(cfg, quiet=True), run(cfg, quiet=True)
+    assert _without_timing(a.metrics) == _without_timing(b.metrics)
+    again = run(Config.model_validate_json((a.run_dir / "config.json").read_text()), quiet=True)
+    assert _without_timing(again.metrics) == _without_timing(a.metrics)
+    other = run(cfg.model_copy(update={"seed": 1}), quiet=True)
+    assert _without_timing(other.metrics) != _without_timing(a.metrics)
+
+
+def test_client_sampling_is_seeded_and_partial():
+    cfg = Config(clients=10, sample_fraction=0.3, seed=3)
+    draws = [sample_participants(cfg, t) for t in range(5)]
+    assert all(len(d) == 3 and len(set(d)) == 3 for d in draws)
+    assert draws == [sample_participants(cfg, t) for t in range(5)]
+    assert len({tuple(d) for d in draws}) > 1
+
+
+def test_nan_loss_stops_cleanly_and_keeps_metrics(tmp_path, monkeypatch):
+    class Poisoned(FedAvg):
+        def round(self, t, participants):
+            if t == 1:
+                self.ctx.clients[2].x[0] = float("nan")
+            return super().round(t, participants)
+
+    monkeypatch.setitem(REGISTRY, "fedavg", Poisoned)
+    with pytest.raises(NonFiniteLossError, match="client 2 in round 2"):
+        run(Config(algorithm="fedavg", out=str(tmp_path), **{**QUICK, "rounds": 3}), quiet=True)
+    (run_dir,) = list(tmp_path.iterdir())
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["round"] for r in rows] == [1]
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"

@@ -1,0 +1,58 @@
+"""The command line as a user meets it: exit codes and messages."""
+
+import json
+import os
+import subprocess
+import sys
+
+
+def fedmutual(*args, env=None, cwd=None):
+    e = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "fedmutual", *args], capture_output=True, text=True, env=e, cwd=cwd, timeout=300)
+
+
+def test_invalid_value_exits_2_with_one_plain_message():
+    r = fedmutual("run", "--algorithm", "fedsgd")
+    assert r.returncode == 2
+    assert "algorithm: invalid value 'fedsgd'; allowed: 'fedavg', 'fedprox', 'local'" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_key_exits_2():
+    r = fedmutual("run", "--set", "fml.gamma=3")
+    assert r.returncode == 2 and "fml.gamma: unknown key" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_missing_dataset_names_every_place_and_how_to_get_it(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = fedmutual("run", "--dataset", "mnist", "--data-dir", str(empty),
+                  env={"FEDMUTUAL_DATA": str(tmp_path / "nowhere"), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert str(empty) in r.stderr and str(tmp_path / "nowhere") in r.stderr and str(tmp_path / "cache") in r.stderr
+    assert "--download" in r.stderr or "download" in r.stderr.lower()
+
+
+def test_debug_shows_the_traceback():
+    r = fedmutual("--debug", "run", "--algorithm", "fedsgd")
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_run_and_compare_write_their_files(tmp_path):
+    common = ["--clients", "3", "--limit-train", "900", "--limit-test", "300", "--rounds", "1", "--out", str(tmp_path), "--no-progress"]
+    r = fedmutual("run", *common, "--name", "one")
+    assert r.returncode == 0, r.stderr
+    assert f"run directory: {tmp_path / 'one'}" in r.stdout
+    assert json.loads((tmp_path / "one" / "config.json").read_text())["clients"] == 3
+    r = fedmutual("compare", "--algorithms", "fedavg,fml", *common, "--name", "cmp")
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| fedavg |" in md and "| fml |" in md
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+
+
+def test_partition_prints_the_label_table_and_saves_a_heat_map(tmp_path):
+    png = tmp_path / "p.png"
+    r = fedmutual("partition", "--partition", "shards:2", "--clients", "5", "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "shards:2" in r.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
