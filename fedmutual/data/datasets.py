@@ -175,9 +175,9 @@ def _how_to_get(key: str) -> list[str]:
         ]
     if key == "mnist":
         return [
-            "get train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
+            "download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz "
             f"and t10k-labels-idx1-ubyte.gz (from {OFFICIAL_URLS[key]} or a mirror) into one of "
-            "the directories above",
+            "the directories above (fedmutual's --download fetches only fashion-mnist)",
         ]
     if key == "idx":
         return [

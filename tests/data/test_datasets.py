@@ -166,6 +166,17 @@ def test_not_found_lists_every_directory_and_how_to_get_it(tmp_path, monkeypatch
     assert "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/" in msg
 
 
+def test_not_found_for_mnist_says_where_to_download_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(datasets_module.SYSTEM_DIRS, "mnist", tmp_path / "usr-share")
+    with pytest.raises(DataError) as e:
+        load_dataset("mnist", data_dir=tmp_path)
+    msg = str(e.value)
+    assert f"  {tmp_path}  (no train-images*, train-labels*, t10k-images*/test-images*, t10k-labels*/test-labels* file)" in msg
+    assert "download train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz" in msg
+    assert "http://yann.lecun.com/exdb/mnist/" in msg
+    assert "(fedmutual's --download fetches only fashion-mnist)" in msg
+
+
 def test_not_found_for_cifar_says_how_to_extract_and_that_download_cannot_help(tmp_path):
     with pytest.raises(DataError) as e:
         load_dataset("cifar10", data_dir=tmp_path, download=True)
