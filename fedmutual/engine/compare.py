@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from fedmutual.config import Config
-from fedmutual.engine.runner import RunResult, run
+from fedmutual.engine.runner import RunResult, prepare_data, run
 from fedmutual.errors import ConfigError
 from fedmutual.report.plots import plot_compare
 from fedmutual.report.tables import markdown_table, summary_rows
@@ -32,10 +32,11 @@ def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False) -> Comp
     out_dir = Path(cfg.out) / (cfg.name or f"compare-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, RunResult] = {}
+    data = prepare_data(cfg)  # one partition for every algorithm
     for a in algorithms:
         if not quiet:
             print(f"== {a} ==", file=sys.stderr, flush=True)
-        runs[a] = run(cfg.model_copy(update={"algorithm": a, "out": str(out_dir), "name": a}), quiet=True if quiet else False)
+        runs[a] = run(cfg.model_copy(update={"algorithm": a, "out": str(out_dir), "name": a}), quiet=quiet, data=data)
     header, rows = summary_rows({a: r.summary for a, r in runs.items()})
     title = f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients, {cfg.model}, {cfg.rounds} rounds, E={cfg.local_epochs}, seed {cfg.seed}"
     table = f"Top-1 accuracy (%) — {title}\n\n" + markdown_table(header, rows) + "\n\n" \

@@ -111,16 +111,17 @@ def _log(msg: str, quiet: bool) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def run(cfg: Config, quiet: bool = False) -> RunResult:
+def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunResult:
     """Run one federated experiment end to end and write its run directory.
 
     Metrics are appended after every round, so an interrupted or failed run
     keeps everything it finished. A non-finite loss stops the run with
     :class:`NonFiniteLossError` after the summary is written with status "failed".
+    ``data`` reuses data prepared for the same data fields and seed (as ``compare`` does).
     """
     threads = configure_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     ds = data.dataset
     run_dir = _run_dir(cfg)
     write_json(run_dir / "config.json", cfg.to_dict())
