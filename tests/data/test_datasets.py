@@ -14,7 +14,6 @@ from fedmutual.data.idx import read_idx
 from fedmutual.errors import ConfigError, DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
 
 NAMES = {
     "train images": "train-images-idx3-ubyte",
@@ -54,7 +53,6 @@ def fashion():
         return load_dataset("fashion-mnist")
 
 
-@needs_fashion
 def test_real_fashion_mnist(fashion):
     ds = fashion
     assert ds.name == "fashion-mnist"
@@ -72,7 +70,6 @@ def test_real_fashion_mnist(fashion):
     assert abs(ds.train_x.double().std().item() - 1.0) < 1e-4
 
 
-@needs_fashion
 def test_fashion_standardization_uses_the_train_statistics(fashion):
     raw_train = read_idx(FASHION / "train-images-idx3-ubyte.gz").astype(np.float64)
     raw_test = read_idx(FASHION / "t10k-images-idx3-ubyte.gz").astype(np.float64)
@@ -113,7 +110,6 @@ def test_unknown_name_lists_the_allowed_ones():
         load_dataset("svhn")
 
 
-@needs_fashion
 def test_env_directory_wins_over_debian(tmp_path, monkeypatch):
     make_idx_set(tmp_path / "mine")
     monkeypatch.setenv("FEDMUTUAL_DATA", str(tmp_path / "mine"))

@@ -98,7 +98,6 @@ def test_progress_goes_to_stderr(served, tmp_path, capsys):
     assert captured.out == ""
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
 def test_real_fashion_mnist_files_pass_the_pinned_checksums(served, tmp_path):
     root, url = served
     for f in FILES:
@@ -111,7 +110,6 @@ def test_real_fashion_mnist_files_pass_the_pinned_checksums(served, tmp_path):
     assert len(ds.train_y) == 60000 and int(ds.train_y[0]) == 9
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
 def test_load_dataset_downloads_into_the_cache(served, tmp_path, monkeypatch):
     root, url = served
     for f in FILES:

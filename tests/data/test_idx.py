@@ -178,7 +178,6 @@ def test_pair_rejects_negative_and_float_labels(tmp_path):
         load_idx_pair(tmp_path / "im", tmp_path / "flt")
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
 def test_real_fashion_mnist_labels():
     y = read_idx(FASHION / "train-labels-idx1-ubyte.gz")
     assert y.shape == (60000,) and y.dtype == np.uint8

@@ -19,7 +19,6 @@ from fedmutual.data.idx import read_idx
 from fedmutual.errors import ConfigError, DataError
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="needs Debian's dataset-fashion-mnist package")
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +145,6 @@ def test_seeded(spec):
 
 # --- partition: the real Fashion-MNIST labels --------------------------------
 
-@needs_fashion
 def test_fashion_iid(fashion_labels):
     y, _ = fashion_labels
     parts = partition(y, "iid", 5, seed=0)
@@ -157,7 +155,6 @@ def test_fashion_iid(fashion_labels):
     assert table.min() > 1000 and table.max() < 1400  # about 1200 each
 
 
-@needs_fashion
 def test_fashion_shards_two_classes_per_client(fashion_labels):
     y, _ = fashion_labels
     for seed in (0, 1, 2):
@@ -170,7 +167,6 @@ def test_fashion_shards_two_classes_per_client(fashion_labels):
         assert table.sum(axis=1).tolist() == [12000] * 5
 
 
-@needs_fashion
 def test_fashion_shards_mcmahan_setting(fashion_labels):
     y, _ = fashion_labels
     parts = partition(y, "shards:2", 100, seed=0)  # 200 shards of 300
@@ -184,7 +180,6 @@ def _mean_max_share(parts, y):
     return float((t.max(axis=1) / t.sum(axis=1)).mean())
 
 
-@needs_fashion
 def test_fashion_dirichlet_concentration(fashion_labels):
     y, _ = fashion_labels
     skewed = partition(y, "dirichlet:0.1", 10, seed=0)
@@ -224,7 +219,6 @@ def test_stratified_subset_size_limits(n):
         stratified_subset(np.arange(100) % 3, n, seed=0)
 
 
-@needs_fashion
 def test_stratified_subset_fashion(fashion_labels):
     y, t = fashion_labels
     assert np.bincount(y[stratified_subset(y, 5000, 0)]).tolist() == [500] * 10
@@ -328,7 +322,6 @@ def test_validation_rounding_repairs_a_greedy_dead_end():
             assert test[v[0]] in train[part]
 
 
-@needs_fashion
 @pytest.mark.parametrize("spec", ["iid", "shards:2"])
 def test_fashion_validation_splits_are_disjoint_with_matching_mix(fashion_labels, spec):
     y, t = fashion_labels
@@ -345,7 +338,6 @@ def test_fashion_validation_splits_are_disjoint_with_matching_mix(fashion_labels
         assert set(np.unique(t_val).tolist()) <= {0, 1000, 2000}
 
 
-@needs_fashion
 def test_fashion_validation_dirichlet_mix(fashion_labels):
     y, t = fashion_labels
     parts = partition(y, "dirichlet:0.3", 20, seed=4)
