@@ -100,7 +100,8 @@ class Config(_Strict):
     def _dataset(cls, v: str) -> str:
         from fedmutual.data.datasets import DATASETS
 
-        if v.lower() not in DATASETS:
+        v = v.lower().replace("_", "-")
+        if v not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
         return v.lower()
 
