@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmutual.errors import ConfigError
 from fedmutual.schedules import Schedule
 
-ALGORITHMS = ("fedavg", "fedprox", "local", "fml")
+ALGORITHMS = ("fedavg", "fedprox", "local", "fml", "dfml", "dfedavg")
 
 
 class _Strict(BaseModel):
@@ -42,16 +42,37 @@ class FedProxConfig(_Strict):
     weighting: Literal["samples", "uniform"] = "samples"
 
 
+class DFMLConfig(_Strict):
+    """DFML (Khalil et al. 2024): serverless mutual learning at a rotating aggregator."""
+
+    participants: int | None = Field(default=None, ge=1)  # m clients per round; default min(10, K)
+    alpha_max: float = Field(default=0.8, ge=0, le=1)
+    period: int = Field(default=10, ge=1)
+    shape: Literal["rise", "symmetric", "constant"] = "rise"
+    wsm: bool = True  # re-weighted softmax CE (Legate et al. 2023); False = plain CE
+    peak_models: bool = True  # False: a client's deployable model is its current model
+    local_train_before_send: bool = False
+    temperature: float = Field(default=1.0, gt=0)
+
+
+class DFedAvgConfig(_Strict):
+    """Decentralized FedAvg: a random aggregator averages the participants' locally trained models."""
+
+    participants: int | None = Field(default=None, ge=1)  # default min(10, K)
+    wsm: bool = False
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
 class Config(_Strict):
     """Everything that defines a run. Defaults follow the FML paper where it speaks."""
 
-    algorithm: Literal["fedavg", "fedprox", "local", "fml"] = "fml"
+    algorithm: Literal["fedavg", "fedprox", "local", "fml", "dfml", "dfedavg"] = "fml"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = False
     partition: str = "shards:2"
     clients: int = Field(default=5, ge=1)
-    model: str = "lenet5"
+    model: str | list[str] = "lenet5"  # one name, "a,b,c" (round-robin over clients) or a list, one per client
     rounds: int = Field(default=10, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -64,8 +85,11 @@ class Config(_Strict):
     limit_train: int | None = Field(default=None, ge=1)
     limit_test: int | None = Field(default=None, ge=1)
     val_size: int | None = Field(default=None, ge=1)
+    val_source: Literal["auto", "test", "train"] = "auto"  # auto: "train" for dfml/dfedavg, else "test"
+    val_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of each client's data held out when val_source = "train"
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(default=None, ge=1)
+    engine: Literal["auto", "stacked", "loop"] = "auto"
     eval_every: int = Field(default=1, ge=1)
     eval_batch_size: int = Field(default=1000, ge=1)
     out: str = "runs"
@@ -74,6 +98,8 @@ class Config(_Strict):
     fml: FMLConfig = Field(default_factory=FMLConfig)
     fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
     fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
+    dfml: DFMLConfig = Field(default_factory=DFMLConfig)
+    dfedavg: DFedAvgConfig = Field(default_factory=DFedAvgConfig)
 
     @field_validator("partition")
     @classmethod
@@ -88,12 +114,28 @@ class Config(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _model(cls, v: str) -> str:
+    def _model(cls, v: str | list[str]) -> str | list[str]:
         from fedmutual.models import ZOO
 
-        if v.lower() not in ZOO:
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(sorted(ZOO))}")
-        return v.lower()
+        names = [n.strip().lower() for n in (v.split(",") if isinstance(v, str) else v)]
+        if not names or any(n not in ZOO for n in names):
+            bad = [n for n in names if n not in ZOO] or ["(empty)"]
+            raise ValueError(f"unknown model {', '.join(map(repr, bad))}; allowed: {', '.join(sorted(ZOO))}")
+        return names[0] if len(names) == 1 else names
+
+    def model_names(self) -> list[str]:
+        """The architecture of each client's model: a list given per client, or names assigned round-robin."""
+        names = [self.model] if isinstance(self.model, str) else list(self.model)
+        return [names[k % len(names)] for k in range(self.clients)]
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(set(self.model_names())) > 1
+
+    def resolved_val_source(self) -> str:
+        if self.val_source != "auto":
+            return self.val_source
+        return "train" if self.algorithm in ("dfml", "dfedavg") else "test"
 
     @field_validator("dataset")
     @classmethod
