@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedmutual.config import Config
+from fedmutual.errors import ConfigError
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
 from fedmutual.models import build_model
 from fedmutual.seeding import derive_seed
@@ -43,11 +44,28 @@ class Context:
     on_step: Callable[[], None] | None = None
 
     def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
-        """A freshly initialized model whose weights depend only on the run seed and ``stream``."""
+        """A freshly initialized model whose weights depend only on the run seed and ``stream``.
+
+        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`).
+        """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.cfg.model, self.input_shape, self.num_classes)
+            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_classes)
         return model.to(self.device)
+
+    def client_model_name(self, k: int) -> str:
+        """Client k's own architecture (``model`` may list several, assigned round-robin)."""
+        return self.cfg.model_names()[k]
+
+    def shared_model_name(self) -> str:
+        """The one architecture of a method that averages weights; refused when clients differ."""
+        names = self.cfg.model_names()
+        if len(set(names)) > 1:
+            raise ConfigError(
+                f"model: {self.cfg.algorithm} averages weights, so every client needs the same architecture; "
+                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (dfml, local)."
+            )
+        return names[0]
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return sgd(model, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)

@@ -13,7 +13,7 @@ class Local(Algorithm):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.models = [ctx.new_model("local", k) for k in range(len(ctx.clients))]
+        self.models = [ctx.new_model("local", k, name=ctx.client_model_name(k)) for k in range(len(ctx.clients))]
         self.opts = [ctx.optimizer(m) for m in self.models]  # persistent, like a standalone run
 
     def round(self, t: int, participants: list[int]) -> dict[str, float]:
