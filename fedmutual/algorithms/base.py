@@ -117,6 +117,16 @@ class Algorithm(ABC):
     def __init__(self, ctx: Context):
         self.ctx = ctx
 
+    def sample(self, t: int) -> list[int]:
+        """The participants of round t: by default a seeded fraction ``sample_fraction`` of the clients."""
+        from fedmutual.engine.runner import sample_participants
+
+        return sample_participants(self.ctx.cfg, t)
+
+    def extra_models(self) -> dict[str, list[nn.Module]]:
+        """Further per-client models to evaluate on the test set, by name (e.g. DFML's current models)."""
+        return {}
+
     @abstractmethod
     def round(self, t: int, participants: list[int]) -> dict[str, float]:
         """Run round t with the sampled ``participants``; returns training statistics."""

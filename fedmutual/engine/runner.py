@@ -42,8 +42,9 @@ class Prepared:
     """The data of a run, split among clients: a pure function of the config's data fields and seed."""
 
     dataset: ArrayDataset
-    parts: list[np.ndarray]
-    val: list[np.ndarray]
+    parts: list[np.ndarray]  # each client's training indices into train_x
+    val: list[np.ndarray]  # each client's validation indices into test_x, or into train_x when val_on_train
+    val_on_train: bool
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
@@ -63,8 +64,25 @@ def prepare_data(cfg: Config) -> Prepared:
     if cfg.clients > len(ty):
         raise ConfigError(f"clients: {cfg.clients} clients but only {len(ty)} training samples; use fewer clients or more data")
     parts = partition(ty.numpy(), cfg.partition, cfg.clients, cfg.seed)
+    if cfg.resolved_val_source() == "train":
+        parts, val = holdout_splits(parts, cfg.val_fraction, cfg.seed)
+        return Prepared(ds, parts, val, True, tx, ty, vx, vy)
     val = validation_splits(parts, ty.numpy(), vy.numpy(), ds.num_classes, cfg.val_size, cfg.seed)
-    return Prepared(ds, parts, val, tx, ty, vx, vy)
+    return Prepared(ds, parts, val, False, tx, ty, vx, vy)
+
+
+def holdout_splits(parts: list[np.ndarray], fraction: float, seed: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Split each client's indices into train and validation (e.g. DFML's 80:20), seeded per client.
+
+    A client keeps at least one training sample; its validation part has round(fraction·n) samples.
+    """
+    train, val = [], []
+    for k, p in enumerate(parts):
+        perm = numpy_rng(seed, "holdout", k).permutation(p)
+        n_val = min(int(round(fraction * len(p))), len(p) - 1)
+        train.append(np.sort(perm[n_val:]))
+        val.append(np.sort(perm[:n_val]))
+    return train, val
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -100,9 +118,13 @@ def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.T
     out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
     models = [alg.client_model(k) for k in range(len(ctx.clients))]
     out["client_acc_global_test"] = [test_acc(m) for m in models]
-    out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) for m, d in zip(models, ctx.clients)]
+    out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) if d.val_y.numel() else None for m, d in zip(models, ctx.clients)]
     out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
-    out["personal_acc_mean"] = float(np.nanmean(out["personal_acc"]))
+    vals = [v for v in out["personal_acc"] if v is not None]
+    out["personal_acc_mean"] = float(np.mean(vals)) if vals else None
+    for name, extra in alg.extra_models().items():
+        accs = [test_acc(m) for m in extra]
+        out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, float(np.mean(accs))
     return out
 
 
@@ -133,8 +155,9 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
          f"{cfg.clients} clients, {cfg.partition}, {cfg.model}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
 
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
     clients = [
-        ClientData(data.train_x[p].to(device), data.train_y[p].to(device), data.test_x[v].to(device), data.test_y[v].to(device))
+        ClientData(data.train_x[p].to(device), data.train_y[p].to(device), val_x[v].to(device), val_y[v].to(device))
         for p, v in zip(data.parts, data.val)
     ]
     ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device))
@@ -145,7 +168,7 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     status = "completed"
     try:
         for t in range(cfg.rounds):
-            participants = sample_participants(cfg, t)
+            participants = alg.sample(t)
             steps = count_steps([ctx.job(k, t, []) for k in participants])
             step_bar = tqdm(total=steps, desc=f"round {t + 1}", unit="step", leave=False, disable=not show, file=sys.stderr, position=1)
             ctx.on_step = lambda: step_bar.update(1)

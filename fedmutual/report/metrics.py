@@ -48,7 +48,8 @@ def summarize(rows: Iterable[dict[str, Any]], status: str = "completed") -> dict
     """Final and best value of each accuracy metric (best = max over rounds, an optimistic figure)."""
     rows = list(rows)
     out: dict[str, Any] = {"status": status, "rounds_completed": len(rows)}
-    for key in SUMMARY_KEYS:
+    extra = sorted({k for r in rows for k in r if k.endswith("_acc_global_test_mean")} - set(SUMMARY_KEYS))
+    for key in (*SUMMARY_KEYS, *extra):
         series = [(r["round"], r.get(key)) for r in rows if r.get(key) is not None]
         out[f"final_{key}"] = series[-1][1] if series else None
         if series:

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 CURVES = (
     ("global_acc", "global model, test set"),
     ("client_acc_global_test_mean", "client models, test set (mean)"),
+    ("current_acc_global_test_mean", "current client models, test set (mean)"),
     ("personal_acc_mean", "client models, own validation (mean)"),
 )
 
@@ -33,7 +34,15 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    handles, labels = ax.get_legend_handles_labels()
+    alphas = [(r["round"], r["alpha"]) for r in rows if r.get("alpha") is not None]
+    if alphas and len({a for _, a in alphas}) > 1:  # a moving loss weight (e.g. DFML's cyclic alpha)
+        ax2 = ax.twinx()
+        (line,) = ax2.plot([a[0] for a in alphas], [a[1] for a in alphas], color="gray", ls="--", lw=1)
+        ax2.set_ylabel("alpha")
+        ax2.set_ylim(0, 1.05)
+        handles, labels = handles + [line], labels + ["alpha (right axis)"]
+    ax.legend(handles, labels, loc="best", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
