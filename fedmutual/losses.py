@@ -4,46 +4,103 @@
 
 with p = softmax(z / tau) and the teachers p_j detached. Every algorithm
 computes its client loss through :func:`mutual_loss`; there is no second KL.
+
+Two shapes are accepted. Plain logits ``[B, C]`` with targets ``[B]`` give
+scalar losses (the batch mean). Stacked logits ``[K, B, C]`` with targets
+``[K, B]``, K clients' models evaluated at once by the stacked engine, give
+per-client losses ``[K]``, each averaged over that client's own batch. An
+optional boolean ``mask`` (``[K, B]``, or ``[B]`` for plain logits) marks
+the valid samples of ragged batches; padded samples contribute nothing and
+each client's mean is taken over its valid samples only.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import functools
+from typing import Callable, Sequence, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 CEFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Weight = float | torch.Tensor  # one weight for the model, or one per stacked client ([K])
+
+_F = TypeVar("_F", bound=Callable[..., torch.Tensor])
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean softmax cross-entropy over the batch."""
-    return F.cross_entropy(logits, target)
+def stackable(fn: _F) -> _F:
+    """Mark a CE function as able to take stacked logits ``[K, B, C]`` and a ``mask=`` keyword.
+
+    Such a function returns per-client losses ``[K]``. The stacked engine only runs
+    jobs whose ``ce`` is marked; any other function runs on the plain loop.
+    """
+    fn.stackable = True  # type: ignore[attr-defined]
+    return fn
 
 
-def kl_divergence(teacher_logits: torch.Tensor, student_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def is_stackable(fn: Callable[..., torch.Tensor]) -> bool:
+    """Whether ``fn`` (or the function a ``functools.partial`` wraps) was marked with :func:`stackable`."""
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    return bool(getattr(fn, "stackable", False))
+
+
+def batch_mean(values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over the last (batch) dimension, over the valid samples only when ``mask`` is given.
+
+    Masked-out entries are replaced by 0 before summing, so a NaN in padding
+    cannot leak into a client's loss. A client with no valid sample gets 0.
+    """
+    if mask is None:
+        return values.mean(dim=-1)
+    kept = torch.where(mask, values, values.new_zeros(()))
+    return kept.sum(dim=-1) / mask.sum(dim=-1).clamp_min(1).to(values.dtype)
+
+
+@stackable
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean softmax cross-entropy over the batch; per client (``[K]``) for stacked logits ``[K, B, C]``."""
+    if logits.dim() == 2 and mask is None:
+        return F.cross_entropy(logits, target)
+    per_sample = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return batch_mean(per_sample.view(target.shape), mask)
+
+
+def kl_divergence(
+    teacher_logits: torch.Tensor,
+    student_logits: torch.Tensor,
+    temperature: float = 1.0,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """KL(p_teacher || p_student), the teacher detached, with ``batchmean`` reduction.
 
     The sum over classes is averaged over the batch (never over classes, which
     ``reduction="mean"`` would silently do). With a temperature tau != 1 both
     distributions are softened by tau and the result is multiplied by tau**2, so
-    gradient magnitudes stay comparable to CE (Hinton et al. 2015).
+    gradient magnitudes stay comparable to CE (Hinton et al. 2015). Stacked
+    logits ``[K, B, C]`` give one value per client ``[K]``.
     """
     t = float(temperature)
     log_q = F.log_softmax(student_logits / t, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach() / t, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
+    per_sample = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    kl = per_sample.mean() if per_sample.dim() == 1 and mask is None else batch_mean(per_sample, mask)
     return kl * (t * t) if t != 1.0 else kl
+
+
+def _nonzero(w: Weight) -> bool:
+    return bool((w != 0).any()) if isinstance(w, torch.Tensor) else w != 0
 
 
 def mutual_loss(
     logits: Sequence[torch.Tensor],
     target: torch.Tensor,
-    w_ce: Sequence[float],
-    w_kl: Sequence[float],
+    w_ce: Sequence[Weight],
+    w_kl: Sequence[Weight],
     temperature: float = 1.0,
     ce: CEFn = cross_entropy,
     peers: Sequence[Sequence[int]] | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Mutual-learning loss of a cohort of models on one mini-batch.
 
@@ -52,7 +109,13 @@ def mutual_loss(
     one backward pass of the returned total gives each model exactly the
     gradient of its own L_i. Terms with weight 0 are skipped entirely.
 
-    Returns the total (sum over models) and the list of per-model losses.
+    With stacked logits (``[K, B, C]`` each, targets ``[K, B]``) every loss is
+    per client (``[K]``), the weights may be per client too (tensors ``[K]``),
+    and ``mask`` marks the valid samples; the CE function then gets ``mask=``
+    when a mask is given (see :func:`stackable`).
+
+    Returns the total (sum over models, and over clients when stacked) and the
+    list of per-model losses.
     """
     n = len(logits)
     if not (len(w_ce) == len(w_kl) == n):
@@ -61,11 +124,12 @@ def mutual_loss(
         peers = [[j for j in range(n) if j != i] for i in range(n)]
     losses: list[torch.Tensor] = []
     for i in range(n):
-        loss = logits[i].new_zeros(())
-        if w_ce[i] != 0:
-            loss = loss + w_ce[i] * ce(logits[i], target)
-        if w_kl[i] != 0 and len(peers[i]) > 0:
-            kl = sum(kl_divergence(logits[j], logits[i], temperature) for j in peers[i])
+        loss = logits[i].new_zeros(logits[i].shape[:-2])
+        if _nonzero(w_ce[i]):
+            ce_i = ce(logits[i], target) if mask is None else ce(logits[i], target, mask=mask)  # type: ignore[call-arg]
+            loss = loss + w_ce[i] * ce_i
+        if _nonzero(w_kl[i]) and len(peers[i]) > 0:
+            kl = sum(kl_divergence(logits[j], logits[i], temperature, mask) for j in peers[i])
             loss = loss + w_kl[i] * kl / len(peers[i])
         losses.append(loss)
     return torch.stack(losses).sum(), losses
