@@ -133,3 +133,36 @@ def mutual_loss(
             loss = loss + w_kl[i] * kl / len(peers[i])
         losses.append(loss)
     return torch.stack(losses).sum(), losses
+
+
+def class_shares(target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The share of each class among ``target`` labels (float, sums to 1): WSM's beta."""
+    counts = torch.bincount(target.reshape(-1), minlength=num_classes).to(torch.float32)
+    return counts / counts.sum().clamp_min(1)
+
+
+def wsm_cross_entropy(
+    logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None, *, class_share: torch.Tensor
+) -> torch.Tensor:
+    """Re-weighted softmax cross-entropy (WSM; Legate et al. 2023), as DFML uses it.
+
+        log p~_c = z_c + log beta_c - logsumexp_j (z_j + log beta_j),   L = -log p~_y
+
+    ``class_share`` is beta, the class shares of the data being trained on (``[C]``,
+    or ``[K, C]`` per stacked client). Classes with beta_c = 0 get log 0 = -inf:
+    they are masked out of the softmax completely and receive no gradient.
+    """
+    log_prior = torch.log(class_share.to(logits.dtype))
+    if log_prior.dim() == 2 and logits.dim() == 3:
+        log_prior = log_prior[:, None, :]
+    return cross_entropy(logits + log_prior, target, mask)
+
+
+def wsm(class_share: torch.Tensor) -> CEFn:
+    """WSM-CE bound to ``class_share``, usable as a job's ``ce`` on either engine path."""
+
+    @stackable
+    def ce(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return wsm_cross_entropy(logits, target, mask, class_share=class_share.to(logits.device))
+
+    return ce

@@ -88,3 +88,24 @@ def test_mutual_loss_mean_over_peers_and_explicit_peer_sets():
     assert float(only[1]) == 0.0
     with pytest.raises(ValueError, match="one w_ce and one w_kl per model"):
         mutual_loss(z, y, [1.0], [0.0, 0.0, 0.0])
+
+
+def test_wsm_hand_computed_with_an_absent_class_masked_out():
+    from fedmutual.losses import class_shares, wsm, wsm_cross_entropy
+
+    logits = torch.tensor([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], requires_grad=True)
+    y = torch.tensor([0, 1])
+    share = torch.tensor([0.25, 0.75, 0.0])  # class 2 absent from the data
+    e1, e2 = math.exp(1), math.exp(2)
+    row0 = math.log(0.25 * e1 + 0.75 * e2) - (1 + math.log(0.25))
+    row1 = math.log(0.25 * e1 + 0.75 * e2) - (2 + math.log(0.75))
+    loss = wsm_cross_entropy(logits, y, class_share=share)
+    assert float(loss) == pytest.approx((row0 + row1) / 2, abs=1e-6)
+    loss.backward()
+    assert torch.all(logits.grad[:, 2] == 0)  # the absent class gets no gradient, despite the largest logit
+    assert torch.isfinite(logits.grad).all()
+    # uniform shares reduce WSM to plain CE
+    z = torch.randn(5, 4)
+    t = torch.tensor([0, 1, 2, 3, 0])
+    assert float(wsm(torch.full((4,), 0.25))(z, t)) == pytest.approx(float(cross_entropy(z, t)), abs=1e-6)
+    assert class_shares(torch.tensor([0, 0, 1, 3]), 4).tolist() == [0.5, 0.25, 0.0, 0.25]
