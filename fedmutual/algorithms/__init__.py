@@ -1,11 +1,13 @@
 """One short file per algorithm."""
 
 from fedmutual.algorithms.base import Algorithm, Context
+from fedmutual.algorithms.dfedavg import DFedAvg
+from fedmutual.algorithms.dfml import DFML
 from fedmutual.algorithms.fedavg import FedAvg
 from fedmutual.algorithms.fedprox import FedProx
 from fedmutual.algorithms.fml import FML
 from fedmutual.algorithms.local import Local
 
-REGISTRY: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, Local, FML)}
+REGISTRY: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, Local, FML, DFML, DFedAvg)}
 
-__all__ = ["Algorithm", "Context", "REGISTRY", "FedAvg", "FedProx", "FML", "Local"]
+__all__ = ["Algorithm", "Context", "REGISTRY", "FedAvg", "FedProx", "FML", "Local", "DFML", "DFedAvg"]

@@ -17,15 +17,19 @@ class InProcessTransport:
     reference between parties.
     """
 
-    def __init__(self, device: torch.device | str = "cpu"):
+    def __init__(self, device: torch.device | str = "cpu", record: bool = False):
         self.device = torch.device(device)
         self.sent: dict[str, int] = defaultdict(int)
         self.received: dict[str, int] = defaultdict(int)
+        self.record = record
+        self.log: list[tuple[str, str, int, dict[str, str]]] = []  # (src, dst, bytes, meta) when record is on
 
     def send(self, src: str, dst: str, msg: Message) -> Message:
         data = encode(msg)
         self.sent[src] += len(data)
         self.received[dst] += len(data)
+        if self.record:
+            self.log.append((src, dst, len(data), dict(msg.meta)))
         out = decode(data)
         if self.device.type != "cpu":
             out.tensors = {k: v.to(self.device) for k, v in out.tensors.items()}
