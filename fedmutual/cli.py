@@ -26,6 +26,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--limit-test", "limit_test", int, "seeded, class-stratified test subset of N samples"),
     ("--device", "device", str, "cpu | cuda | auto"),
     ("--threads", "threads", int, "torch intra-op threads (default: available cores)"),
+    ("--engine", "engine", str, "auto | stacked | loop: how client cohorts train (default auto)"),
     ("--out", "out", str, "parent directory of run directories (default runs/)"),
     ("--name", "name", str, "run directory name (default: derived from the config and time)"),
 ]

@@ -89,7 +89,7 @@ class Context:
         )
 
     def train(self, jobs: list[ClientJob], t: int) -> list[JobResult]:
-        return run_cohort(jobs, t, self.on_step)
+        return run_cohort(jobs, t, self.on_step, self.cfg.engine)
 
     def send(self, src: str, dst: str, tensors: dict[str, torch.Tensor], **meta: object) -> Message:
         """Send a message through the run's transport; returns what the receiver parsed."""

@@ -110,9 +110,21 @@ def count_steps(jobs: Sequence[ClientJob]) -> int:
     return sum(j.epochs * math.ceil(len(j.y) / j.batch_size) for j in jobs)
 
 
-def run_cohort(jobs: Sequence[ClientJob], round: int, on_step: Callable[[], None] | None = None) -> list[JobResult]:
-    """Train every job of the cohort; returns one result per job, in order."""
-    return [train_job(job, round, on_step) for job in jobs]
+def run_cohort(
+    jobs: Sequence[ClientJob], round: int, on_step: Callable[[], None] | None = None, engine: str = "auto"
+) -> list[JobResult]:
+    """Train every job of the cohort; returns one result per job, in order.
+
+    ``engine`` is ``"loop"`` (:func:`train_job` per job), ``"stacked"`` (every job
+    that can be stacked runs stacked) or ``"auto"`` (stacked where that is
+    faster). Both give the same results up to floating-point rounding; see
+    :mod:`fedmutual.engine.stacked`. ``on_step`` is called once per client step.
+    """
+    if engine == "loop":
+        return [train_job(job, round, on_step) for job in jobs]
+    from fedmutual.engine.stacked import run_cohort_stacked  # imports this module
+
+    return run_cohort_stacked(jobs, round, on_step, engine)
 
 
 def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:

@@ -1,0 +1,324 @@
+"""The stacked cohort engine: clients whose models share an architecture train as one stacked model.
+
+:func:`run_cohort_stacked` takes the same jobs as the plain loop
+(:func:`fedmutual.engine.cohort.train_job`) and gives the same results: the
+same batches (``batch_order`` per client), the same loss (``mutual_loss`` on
+stacked logits), the same optimizer updates, written back into each member's
+own module and optimizer. What differs is how the work is laid out:
+
+1. *Planning.* Each job gets a key (its members' architectures, optimizer
+   settings, CE function, temperature, peers, sample shape); jobs that cannot
+   be stacked, or whose architecture ``auto`` runs faster on the loop, go to
+   the loop. Jobs with equal keys form a group.
+2. *Chunking.* A group's clients are sorted by their number of steps (most
+   first) and cut into chunks of about :data:`SAMPLES_PER_CALL` samples per
+   forward call, which keeps the activations in cache.
+3. *Training a chunk.* Per step, every client that still has batches takes
+   its next one. Because clients are sorted, the active ones are always a
+   prefix of the chunk, and the forward pass runs on the prefix slice of the
+   stacked parameters: finished clients' parameters and optimizer state are
+   not touched. A client whose batch is shorter than the others' (the last
+   batch of an epoch, unequal data sizes) is padded with one of its own
+   samples and a mask removes the padding from its loss and BatchNorm
+   statistics.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.nn.utils.rnn import pad_sequence
+
+from fedmutual.engine.cohort import ClientJob, JobResult, batch_order, train_job
+from fedmutual.engine.stacking import (
+    OptimSpec, StackedModel, StackedOptimizer, architecture, has_batchnorm, optimizer_spec, stacked_optimizer, trace,
+)
+from fedmutual.errors import NonFiniteLossError
+from fedmutual.losses import is_stackable, mutual_loss
+
+ENGINES = ("auto", "stacked", "loop")
+
+# Samples per stacked forward call (models x batch). Larger stacks run out of cache
+# and lose throughput; measured with benchmarks/engine.py.
+SAMPLES_PER_CALL = 2048
+
+# The ``auto`` rule: convolutions with more input x output channels (per group) than
+# this run at least as fast on the loop, because a grouped convolution of many wide
+# groups is less efficient than the dense convolutions the loop calls.
+WIDE_CONV = 64 * 64
+
+_trace_cache: dict[tuple[Any, ...], bool] = {}
+
+
+def _traced(model: torch.nn.Module, arch: Any, sample: tuple[int, ...]) -> bool:
+    key = (arch, sample)
+    if key not in _trace_cache:
+        _trace_cache[key] = trace(model, sample)
+    return _trace_cache[key]
+
+
+def _ragged_singleton(job: ClientJob) -> bool:
+    """Whether some batch of the job holds one sample (BatchNorm then fails in the loop; the loop reports it)."""
+    n, b = len(job.y), job.batch_size
+    return n > 0 and (b == 1 or n % b == 1)
+
+
+def job_key(job: ClientJob) -> tuple[Any, ...] | None:
+    """What must be equal for jobs to train in one stack; None if the job must run on the loop."""
+    if not job.members or not is_stackable(job.ce) or job.x.dim() < 2:
+        return None
+    sample = tuple(job.x.shape[1:])
+    members = []
+    for m in job.members:
+        arch = architecture(m.model)
+        if arch is None or arch[2] != str(job.x.device) or not _traced(m.model, arch, sample):
+            return None
+        spec = optimizer_spec(m.optimizer, m.model)
+        if spec is None or (has_batchnorm(m.model) and _ragged_singleton(job)):
+            return None
+        members.append((arch, spec))
+    peers = None if job.peers is None else tuple(tuple(int(i) for i in p) for p in job.peers)
+    return (tuple(members), sample, str(job.x.dtype), str(job.x.device), id(job.ce), float(job.temperature), peers)
+
+
+def _conv_width(arch: Any) -> int:
+    """The largest (in x out channels per group) of the architecture's convolutions."""
+    widths = [(s[1] // s[7]) * (s[2] // s[7]) for s in arch[0] if s[0] == "Conv2d"]
+    return max(widths, default=0)
+
+
+def prefers_stacking(key: tuple[Any, ...], n_models: int) -> bool:
+    """The ``auto`` rule: stack unless there is nothing to stack or a member has wide convolutions.
+
+    A deterministic rule rather than a timed probe, so that the same config picks
+    the same engine on every run (and therefore gives bit-identical metrics).
+    """
+    return n_models >= 2 and all(_conv_width(arch) <= WIDE_CONV for arch, _ in key[0])
+
+
+@dataclass
+class Plan:
+    """How a cohort runs: groups of job indices trained stacked, and job indices trained on the loop."""
+
+    groups: list[list[int]]
+    loop: list[int]
+
+
+def plan_cohort(jobs: Sequence[ClientJob], engine: str = "auto") -> Plan:
+    """Decide which jobs run stacked (grouped by :func:`job_key`) and which run on the plain loop."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "loop":
+        return Plan([], list(range(len(jobs))))
+    groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    loop: list[int] = []
+    for i, job in enumerate(jobs):
+        key = job_key(job)
+        (loop.append(i) if key is None else groups[key].append(i))
+    # Stacking copies parameters, so a tensor or optimizer shared by two members must take the loop.
+    seen: set[int] = set()
+    shared = False
+    for ids in groups.values():
+        for i in ids:
+            for m in jobs[i].members:
+                owned = [id(p) for p in m.model.parameters()] + [id(m.optimizer), id(m.model)]
+                shared |= any(o in seen for o in owned)
+                seen.update(owned)
+    if shared:
+        return Plan([], list(range(len(jobs))))
+    stacked = []
+    for key, ids in groups.items():
+        if engine == "stacked" or prefers_stacking(key, len(ids) * len(key[0])):
+            stacked.append(ids)
+        else:
+            loop += ids
+    return Plan(stacked, sorted(loop))
+
+
+def schedule(job: ClientJob) -> list[torch.Tensor]:
+    """The job's mini-batches over all its epochs, exactly those of the plain loop."""
+    n = len(job.y)
+    return [idx for epoch in range(job.epochs) for idx in batch_order(n, job.batch_size, job.shuffle_seed, epoch)]
+
+
+def chunks(ids: Sequence[int], steps: dict[int, int] | Sequence[int], models_per_job: int, batch: int) -> list[list[int]]:
+    """Cut a group into chunks of about :data:`SAMPLES_PER_CALL` samples per call, most steps first."""
+    order = sorted(ids, key=lambda i: -steps[i])
+    per = max(1, SAMPLES_PER_CALL // max(1, models_per_job * batch))
+    n = math.ceil(len(order) / per)
+    size = math.ceil(len(order) / n)
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
+@dataclass
+class _Stack:
+    """The members of a chunk that share architecture and optimizer, as one stacked model."""
+
+    model: StackedModel
+    opt: StackedOptimizer
+    members: list[int]  # member indices within each job, in stack order
+    refs: list[torch.Tensor] | None  # stacked FedProx references
+    mu: float | torch.Tensor
+
+
+def _per_client(values: list[float], device: torch.device) -> float | torch.Tensor:
+    return values[0] if all(v == values[0] for v in values) else torch.tensor(values, device=device)
+
+
+def _rows(w: float | torch.Tensor, a: int) -> float | torch.Tensor:
+    return w[:a] if isinstance(w, torch.Tensor) else w
+
+
+def _build_stacks(jobs: Sequence[ClientJob]) -> list[_Stack]:
+    by_kind: dict[tuple[Any, OptimSpec], list[int]] = defaultdict(list)
+    for i, m in enumerate(jobs[0].members):
+        by_kind[(architecture(m.model), optimizer_spec(m.optimizer, m.model))].append(i)
+    stacks = []
+    for (_, spec), members in by_kind.items():
+        ms = [job.members[i] for job in jobs for i in members]
+        model = StackedModel([m.model for m in ms])
+        opt = stacked_optimizer(spec, model, [m.optimizer for m in ms])
+        mus = [m.prox_mu if m.prox_mu and m.prox_ref is not None else 0.0 for m in ms]
+        refs = None
+        if any(mus):
+            member_params = [list(m.model.parameters()) for m in ms]
+            refs = [
+                model.pack(k, [(m.prox_ref[k] if m.prox_ref is not None else mp[k]) for m, mp in zip(ms, member_params)])
+                for k in range(len(model.parameters()))
+            ]
+        device = model.parameters()[0].device
+        stacks.append(_Stack(model, opt, members, refs, _per_client(mus, device)))
+    return stacks
+
+
+def train_chunk(
+    jobs: Sequence[ClientJob],
+    round: int,
+    on_step: Callable[[], None] | None,
+    failures: dict[int, float],
+    ids: Sequence[int],
+) -> list[JobResult]:
+    """Train a chunk of jobs with equal :func:`job_key` as stacked models; ``jobs`` sorted by steps, most first.
+
+    A non-finite loss is recorded in ``failures`` (job index -> the client's
+    total loss at its first such step) and training goes on; clients are
+    independent, so the others' results are unaffected.
+    """
+    first, c = jobs[0], len(jobs)
+    n_members = len(first.members)
+    for job in jobs:
+        for m in job.members:
+            m.model.train()
+    scheds = [schedule(job) for job in jobs]
+    steps = [len(s) for s in scheds]
+    results = [JobResult(job.client, steps=t, loss=[0.0] * n_members) for job, t in zip(jobs, steps)]
+    if steps[0] == 0:
+        return results
+    device = first.x.device
+    width = max(len(b) for s in scheds for b in s)
+    offsets = [0]
+    for job in jobs[:-1]:
+        offsets.append(offsets[-1] + len(job.y))
+    x = torch.cat([job.x for job in jobs]) if c > 1 else first.x
+    y = torch.cat([job.y for job in jobs]) if c > 1 else first.y
+    index = torch.zeros(steps[0], c, width, dtype=torch.long)
+    counts = torch.zeros(steps[0], c, dtype=torch.long)
+    for j, sched in enumerate(scheds):
+        if sched:
+            padded = pad_sequence(sched, batch_first=True, padding_value=-1)
+            padded = torch.where(padded < 0, padded[:, :1], padded)  # padding: one of the client's own samples
+            index[: len(sched), j, : padded.shape[1]] = padded + offsets[j]
+            counts[: len(sched), j] = torch.tensor([len(idx) for idx in sched])
+    index, counts_dev = index.to(device), counts.to(device)
+    arange = torch.arange(width, device=device)
+
+    stacks = _build_stacks(jobs)
+    w_ce = [_per_client([job.members[i].w_ce for job in jobs], device) for i in range(n_members)]
+    w_kl = [_per_client([job.members[i].w_kl for job in jobs], device) for i in range(n_members)]
+    loss_sum = torch.zeros(c, n_members, dtype=torch.float64, device=device)
+    active = c
+    for s in range(steps[0]):
+        while steps[active - 1] <= s:
+            active -= 1
+        a = active
+        sizes = counts[s, :a]
+        b = int(sizes.max())
+        mask = arange[:b] < counts_dev[s, :a, None] if int(sizes.min()) < b else None
+        idx = index[s, :a, :b]
+        xb, yb = x[idx], y[idx]
+        logits: list[torch.Tensor] = [None] * n_members  # type: ignore[list-item]
+        prox: list[torch.Tensor] = []
+        for st in stacks:
+            n = len(st.members)
+            out = st.model.forward(xb, n, mask).view(a, n, b, -1)
+            for pos, i in enumerate(st.members):
+                logits[i] = out[:, pos]
+            if st.refs is not None:
+                prox.append(st.model.prox(st.refs, _rows(st.mu, a * n), a * n).view(a, n).sum(1))
+        total, parts = mutual_loss(
+            logits, yb, [_rows(w, a) for w in w_ce], [_rows(w, a) for w in w_kl],
+            first.temperature, first.ce, first.peers, mask,
+        )
+        for p in prox:
+            total = total + p.sum()
+        if not math.isfinite(float(total.detach())):
+            per_client = (torch.stack(parts).sum(0) + sum(prox)).detach()
+            for j in torch.nonzero(~torch.isfinite(per_client)).flatten().tolist():
+                failures.setdefault(ids[j], float(per_client[j]))
+        for st in stacks:
+            st.opt.zero_grad()
+        total.backward()
+        for st in stacks:
+            st.opt.step(a * len(st.members))
+        loss_sum[:a] += torch.stack(parts, 1).detach().to(torch.float64)
+        if on_step is not None:
+            for _ in range(a):
+                on_step()
+    for st in stacks:
+        st.model.write_back()
+        st.opt.write_back()
+        st.opt.zero_grad()
+    for r, row in zip(results, loss_sum.tolist()):
+        if r.steps:
+            r.loss = [v / r.steps for v in row]
+    return results
+
+
+def run_cohort_stacked(
+    jobs: Sequence[ClientJob], round: int, on_step: Callable[[], None] | None = None, engine: str = "auto"
+) -> list[JobResult]:
+    """Train every job of the cohort, stacked where the plan says so; one result per job, in order.
+
+    On a non-finite loss, raises :class:`NonFiniteLossError` for the first job
+    (in cohort order) that has one, with that client's loss at its first such
+    step: the same client, round and value as the plain loop reports.
+    """
+    plan = plan_cohort(jobs, engine)
+    results: list[JobResult | None] = [None] * len(jobs)
+    failures: dict[int, float] = {}
+
+    def needed(ids: Sequence[int]) -> bool:  # work after the first known failure cannot change the error
+        return not failures or min(ids) < min(failures)
+
+    for ids in plan.groups:
+        key_members = len(jobs[ids[0]].members)
+        steps = {i: jobs[i].epochs * math.ceil(len(jobs[i].y) / jobs[i].batch_size) for i in ids}
+        batch = max(jobs[i].batch_size for i in ids)
+        for chunk in chunks(ids, steps, key_members, batch):
+            if needed(chunk):
+                for i, r in zip(chunk, train_chunk([jobs[i] for i in chunk], round, on_step, failures, chunk)):
+                    results[i] = r
+    for i in plan.loop:
+        if needed([i]):
+            try:
+                results[i] = train_job(jobs[i], round, on_step)
+            except NonFiniteLossError as e:
+                failures[i] = e.value
+    if failures:
+        i = min(failures)
+        raise NonFiniteLossError(jobs[i].client, round + 1, failures[i])
+    return results  # type: ignore[return-value]
