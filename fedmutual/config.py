@@ -129,6 +129,11 @@ class Config(_Strict):
         return [names[k % len(names)] for k in range(self.clients)]
 
     @property
+    def model_label(self) -> str:
+        """The model setting as one short string, e.g. ``lenet5`` or ``mlp+lenet5+cnn1``."""
+        return self.model if isinstance(self.model, str) else "+".join(self.model)
+
+    @property
     def heterogeneous(self) -> bool:
         return len(set(self.model_names())) > 1
 

@@ -29,7 +29,7 @@ def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False) -> Comp
     bad = [a for a in algorithms if a not in ALGORITHMS]
     if bad or not algorithms:
         raise ConfigError(f"--algorithms: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(ALGORITHMS)}")
-    out_dir = Path(cfg.out) / (cfg.name or f"compare-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}")
+    out_dir = Path(cfg.out) / (cfg.name or f"compare-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, RunResult] = {}
     data = prepare_data(cfg)  # one partition for every algorithm
@@ -38,7 +38,7 @@ def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False) -> Comp
             print(f"== {a} ==", file=sys.stderr, flush=True)
         runs[a] = run(cfg.model_copy(update={"algorithm": a, "out": str(out_dir), "name": a}), quiet=quiet, data=data)
     header, rows = summary_rows({a: r.summary for a, r in runs.items()})
-    title = f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients, {cfg.model}, {cfg.rounds} rounds, E={cfg.local_epochs}, seed {cfg.seed}"
+    title = f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients, {cfg.model_label}, {cfg.rounds} rounds, E={cfg.local_epochs}, seed {cfg.seed}"
     table = f"Top-1 accuracy (%) — {title}\n\n" + markdown_table(header, rows) + "\n\n" \
         "best = maximum over rounds (optimistic); final = last round. global = the global model on the full test set; " \
         "clients test = each client's deployable model on the full test set (mean); personal val = the same on its own validation split.\n"

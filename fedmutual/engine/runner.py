@@ -87,7 +87,7 @@ def holdout_splits(parts: list[np.ndarray], fraction: float, seed: int) -> tuple
 
 def _run_dir(cfg: Config) -> Path:
     base = Path(cfg.out)
-    name = cfg.name or f"{cfg.algorithm}-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.name or f"{cfg.algorithm}-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
     path, i = base / name, 1
     while path.exists():
         i += 1
@@ -152,7 +152,7 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
         "label_counts": [np.bincount(data.train_y.numpy()[p], minlength=ds.num_classes).tolist() for p in data.parts],
     }) + "\n")
     _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
-         f"{cfg.clients} clients, {cfg.partition}, {cfg.model}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
+         f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
 
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
@@ -201,7 +201,7 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
         summary = summarize(writer.rows, status)
         write_json(run_dir / "summary.json", summary)
         if writer.rows:
-            plot_run(writer.rows, run_dir / "accuracy.png", f"{cfg.algorithm} · {ds.name} · {cfg.partition} · {cfg.model}")
+            plot_run(writer.rows, run_dir / "accuracy.png", f"{cfg.algorithm} · {ds.name} · {cfg.partition} · {cfg.model_label}")
     if not quiet:
         header, rows = summary_rows({cfg.algorithm: summary})
         print(markdown_table(header, rows))
