@@ -88,6 +88,10 @@ def kl_divergence(
     return kl * (t * t) if t != 1.0 else kl
 
 
+def _is_one(w: Weight) -> bool:
+    return not isinstance(w, torch.Tensor) and w == 1
+
+
 def _nonzero(w: Weight) -> bool:
     return bool((w != 0).any()) if isinstance(w, torch.Tensor) else w != 0
 
@@ -124,15 +128,17 @@ def mutual_loss(
         peers = [[j for j in range(n) if j != i] for i in range(n)]
     losses: list[torch.Tensor] = []
     for i in range(n):
-        loss = logits[i].new_zeros(logits[i].shape[:-2])
+        loss: torch.Tensor | None = None  # 0 + x and 1.0 * x are exact: skipping them changes no bit
         if _nonzero(w_ce[i]):
             ce_i = ce(logits[i], target) if mask is None else ce(logits[i], target, mask=mask)  # type: ignore[call-arg]
-            loss = loss + w_ce[i] * ce_i
+            loss = ce_i if _is_one(w_ce[i]) else w_ce[i] * ce_i
         if _nonzero(w_kl[i]) and len(peers[i]) > 0:
             kl = sum(kl_divergence(logits[j], logits[i], temperature, mask) for j in peers[i])
-            loss = loss + w_kl[i] * kl / len(peers[i])
-        losses.append(loss)
-    return torch.stack(losses).sum(), losses
+            term = w_kl[i] * kl / len(peers[i])
+            loss = term if loss is None else loss + term
+        losses.append(logits[i].new_zeros(logits[i].shape[:-2]) if loss is None else loss)
+    total = losses[0].sum() if n == 1 else torch.stack(losses).sum()
+    return total, losses
 
 
 def class_shares(target: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -153,8 +153,10 @@ def trace(model: nn.Module, sample_shape: Sequence[int]) -> bool:
         return False
     shape = tuple(sample_shape)
     layout = IMG if len(shape) == 3 else VEC if len(shape) == 1 else None
-    if layout is None:
-        return False
+    if layout is None:  # other sample shapes only through a leading Flatten
+        if type(layers[0][1]) is not nn.Flatten:
+            return False
+        layout, shape = VEC, (int(torch.Size(shape).numel()),)
     try:
         for _, m in layers:
             t = type(m)
@@ -383,16 +385,13 @@ class StackedModel:
         if sorted(names) != sorted(by_name):
             raise ValueError("parameters of the model do not match its layers")
         self.params = [by_name[n] for n in names]  # in model.parameters() order
+        self.member_params = [list(m.parameters()) for m in self.models]
         flipped = {f"{prefix}.{k}" for prefix, layer in self.layers for k in layer.transposed}
         self._transposed = [n in flipped for n in names]
 
     def pack(self, i: int, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Stack the members' versions of parameter ``i`` (or of a tensor shaped like it) in its stacked layout."""
         return _stack([t.t() if self._transposed[i] else t for t in tensors], False)
-
-    def unpack(self, i: int, stacked: torch.Tensor, j: int) -> torch.Tensor:
-        """Member ``j``'s row of a stacked tensor shaped like parameter ``i``, in the member's layout."""
-        return stacked[j].t() if self._transposed[i] else stacked[j]
 
     def parameters(self) -> list[torch.Tensor]:
         """The stacked parameters, in the members' ``parameters()`` order."""
@@ -401,7 +400,7 @@ class StackedModel:
     def _input(self, x: torch.Tensor, repeat: int) -> torch.Tensor:
         """[k, B, *sample] -> the stacked layout of k*repeat models."""
         k, b = x.shape[:2]
-        if x.dim() == 5 and not self.skip_input_flatten:  # images: [B, H, W, k*repeat*C] -> [B, S*C, H, W] channels_last
+        if x.dim() == 5 and not self.skip_input_flatten:  # images -> [B, S*C, H, W], channels_last
             c, hh, ww = x.shape[2:]
             h = x.permute(1, 3, 4, 0, 2).unsqueeze(4).expand(b, hh, ww, k, repeat, c)
             h = h.reshape(b, hh, ww, k * repeat * c).permute(0, 3, 1, 2)
@@ -426,17 +425,18 @@ class StackedModel:
         sq = sum(((_rows(p, m) - _rows(r, m)) ** 2).reshape(m, -1).sum(1) for p, r in zip(self.params, refs))
         return 0.5 * mu * sq  # type: ignore[return-value]
 
+    def unpack_all(self, i: int, stacked: torch.Tensor) -> list[torch.Tensor]:
+        """Every member's row of a stacked tensor shaped like parameter ``i``, in the members' layout (views)."""
+        return list((stacked.transpose(1, 2) if self._transposed[i] else stacked).unbind(0))
+
     @torch.no_grad()
     def write_back(self) -> None:
         """Copy the stacked parameters and buffers into the original per-model modules."""
-        for j, model in enumerate(self.models):
-            for i, p in enumerate(model.parameters()):
-                p.copy_(self.unpack(i, self.params[i], j))
-            for prefix, layer in self.layers:
-                if layer.buffers:
-                    mod = model.get_submodule(prefix)
-                    for name, buf in layer.buffers.items():
-                        getattr(mod, name).copy_(buf[j])
+        for i, stacked in enumerate(self.params):
+            torch._foreach_copy_([params[i] for params in self.member_params], self.unpack_all(i, stacked))
+        for prefix, layer in self.layers:
+            for name, buf in layer.buffers.items():
+                torch._foreach_copy_([getattr(m.get_submodule(prefix), name) for m in self.models], list(buf.unbind(0)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -518,42 +518,77 @@ class StackedOptimizer:
         self.steps = [0] * stack.size  # steps taken here, per model
 
     def _state(self, key: str, j: int, i: int) -> torch.Tensor | None:
-        p = list(self.stack.models[j].parameters())[i]
-        return self.optimizers[j].state.get(p, {}).get(key)
+        return self.optimizers[j].state.get(self.stack.member_params[j][i], {}).get(key)
 
     def _gather(self, key: str) -> list[torch.Tensor]:
         """Stack one state buffer of every parameter; absent state starts at zero."""
-        per_model = [list(m.parameters()) for m in self.stack.models]
         out = []
         for i in range(len(self.params)):
             rows = []
-            for j, opt in enumerate(self.optimizers):
-                t = opt.state.get(per_model[j][i], {}).get(key)
-                rows.append(t.detach() if t is not None else torch.zeros_like(per_model[j][i]))
+            for j in range(self.stack.size):
+                t = self._state(key, j, i)
+                rows.append(t.detach() if t is not None else torch.zeros_like(self.stack.member_params[j][i]))
             out.append(self.stack.pack(i, rows))
         return out
 
     @torch.no_grad()
     def _write(self, key: str, stacked: Sequence[torch.Tensor], keep: Sequence[bool]) -> None:
         """Store row j of each stacked state tensor as model j's optimizer state (in place where it exists)."""
-        for j, opt in enumerate(self.optimizers):
-            if not keep[j]:
-                continue
-            for i, p in enumerate(self.stack.models[j].parameters()):
-                state = opt.state[p]
-                row = self.stack.unpack(i, stacked[i], j)
+        for i, rows in enumerate(stacked):
+            dst, src = [], []
+            for j, row in enumerate(self.stack.unpack_all(i, rows)):
+                if not keep[j]:
+                    continue
+                state = self.optimizers[j].state[self.stack.member_params[j][i]]
                 old = state.get(key)
                 if old is not None and old.shape == row.shape:
-                    old.copy_(row)
+                    dst.append(old)
+                    src.append(row)
                 else:
                     state[key] = row.clone(memory_format=torch.contiguous_format)
+            if dst:
+                torch._foreach_copy_(dst, src)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
-    def step(self, m: int) -> None:
+    def begin(self, m: int) -> None:
+        """Start a step of the first ``m`` models; :meth:`update` then applies it parameter by parameter."""
+        self.active = m
+        for j in range(m):
+            self.steps[j] += 1
+
+    @torch.no_grad()
+    def update(self, i: int) -> None:
+        """Update parameter ``i`` of the active models from its gradient, and free the gradient.
+
+        Torch's optimizers skip a parameter without gradient, and so does this.
+        """
+        p = self.params[i]
+        if p.grad is not None:
+            self._update(i, _rows(p, self.active), _rows(p.grad, self.active))
+            p.grad = None
+
+    def _update(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
         raise NotImplementedError
+
+    def step(self, m: int) -> None:
+        """One optimizer step of the first ``m`` models (after a backward pass without :meth:`update_in_backward`)."""
+        self.begin(m)
+        for i in range(len(self.params)):
+            self.update(i)
+
+    def update_in_backward(self) -> None:
+        """Update each parameter as soon as backward has accumulated its gradient (call :meth:`begin` first).
+
+        The gradient is still in cache then, and is freed at once. This is exact:
+        a parameter's gradient is accumulated only after every backward node that
+        uses the parameter has run, and autograd's version counters would refuse
+        an in-place update that came too early.
+        """
+        for i, p in enumerate(self.params):
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: self.update(i))
 
     def write_back(self) -> None:
         raise NotImplementedError
@@ -575,26 +610,19 @@ class StackedSGD(StackedOptimizer):
         self.had_buf = [any(self._state("momentum_buffer", j, i) is not None for i in range(len(self.params)))
                         for j in range(stack.size)]
 
-    @torch.no_grad()
-    def step(self, m: int) -> None:
+    def _update(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
         s = self.spec
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]  # torch skips params without grad
-        params = [_rows(self.params[i], m) for i in live]
-        grads = [_rows(self.params[i].grad, m) for i in live]  # type: ignore[arg-type]
-        bufs = [_rows(self.bufs[i], m) for i in live] if s.momentum != 0 else []
+        bufs = [_rows(self.bufs[i], self.active)] if s.momentum != 0 else []
         if _FUSED_SGD:
-            # One pass over each tensor; the same arithmetic as the update below (bit-identical on CPU).
-            torch._fused_sgd_(params, grads, bufs, weight_decay=s.weight_decay, momentum=s.momentum, lr=s.lr,
+            # One pass over the tensors; the same arithmetic as below (bit-identical on CPU).
+            torch._fused_sgd_([w], [g], bufs, weight_decay=s.weight_decay, momentum=s.momentum, lr=s.lr,
                               dampening=0.0, nesterov=False, maximize=False, is_first_step=False)
-        else:
-            for k, (w, g) in enumerate(zip(params, grads)):
-                if s.weight_decay != 0:
-                    g = g.add(w, alpha=s.weight_decay)
-                if s.momentum != 0:
-                    g = bufs[k].mul_(s.momentum).add_(g)
-                w.add_(g, alpha=-s.lr)
-        for j in range(m):
-            self.steps[j] += 1
+            return
+        if s.weight_decay != 0:
+            g = g.add(w, alpha=s.weight_decay)
+        if s.momentum != 0:
+            g = bufs[0].mul_(s.momentum).add_(g)
+        w.add_(g, alpha=-s.lr)
 
     def write_back(self) -> None:
         if self.spec.momentum != 0:
@@ -625,34 +653,32 @@ class StackedAdam(StackedOptimizer):
             return values[0]
         return torch.tensor(values[:m], dtype=like.dtype, device=like.device).view(m, *([1] * (like.dim() - 1)))
 
-    @torch.no_grad()
-    def step(self, m: int) -> None:
+    def begin(self, m: int) -> None:
+        super().begin(m)
         s = self.spec
         beta1, beta2 = s.betas
         for j in range(m):
             self.count[j] += 1
-            self.steps[j] += 1
-        bc1 = [1 - beta1**c for c in self.count]
-        step_size = [s.lr / b for b in bc1]
-        bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in self.count]
-        for i, p in enumerate(self.params):
-            if p.grad is None:
-                continue
-            w, g = _rows(p, m), _rows(p.grad, m)
-            if s.weight_decay != 0:
-                if s.decoupled:
-                    w.mul_(1 - s.lr * s.weight_decay)
-                else:
-                    g = g.add(w, alpha=s.weight_decay)
-            avg, avg_sq = _rows(self.exp_avg[i], m), _rows(self.exp_avg_sq[i], m)
-            avg.lerp_(g, 1 - beta1)
-            avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            neg_size = self._per_model([-v for v in step_size], m, w)
-            denom = (avg_sq.sqrt() / self._per_model(bc2_sqrt, m, w)).add_(s.eps)
-            if isinstance(neg_size, float):
-                w.addcdiv_(avg, denom, value=neg_size)
-            else:  # addcdiv's own order of operations: w + (value * avg) / denom
-                w.add_(avg.mul(neg_size).div_(denom))
+        self.neg_step_size = [-s.lr / (1 - beta1**c) for c in self.count]
+        self.bc2_sqrt = [(1 - beta2**c) ** 0.5 for c in self.count]
+
+    def _update(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
+        s, m = self.spec, self.active
+        beta1, beta2 = s.betas
+        if s.weight_decay != 0:
+            if s.decoupled:
+                w.mul_(1 - s.lr * s.weight_decay)
+            else:
+                g = g.add(w, alpha=s.weight_decay)
+        avg, avg_sq = _rows(self.exp_avg[i], m), _rows(self.exp_avg_sq[i], m)
+        avg.lerp_(g, 1 - beta1)
+        avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        neg_size = self._per_model(self.neg_step_size, m, w)
+        denom = (avg_sq.sqrt() / self._per_model(self.bc2_sqrt, m, w)).add_(s.eps)
+        if isinstance(neg_size, float):
+            w.addcdiv_(avg, denom, value=neg_size)
+        else:  # addcdiv's own order of operations: w + (value * avg) / denom
+            w.add_(avg.mul(neg_size).div_(denom))
 
     def write_back(self) -> None:
         keep = [h or n > 0 for h, n in zip(self.had_state, self.steps)]
@@ -660,7 +686,7 @@ class StackedAdam(StackedOptimizer):
         self._write("exp_avg_sq", self.exp_avg_sq, keep)
         for j, opt in enumerate(self.optimizers):
             if keep[j]:
-                for p in self.stack.models[j].parameters():
+                for p in self.stack.member_params[j]:
                     old = opt.state[p].get("step")
                     if isinstance(old, torch.Tensor):
                         old.fill_(self.count[j])

@@ -220,6 +220,13 @@ def test_batchnorm_and_dropout_layers_train_like_the_loop_with_unequal_sizes():
     assert_same(jobs)
 
 
+def test_vector_and_matrix_samples():
+    vec = lambda: nn.Sequential(nn.Linear(20, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))  # noqa: E731
+    assert_same(make_jobs(vec, sizes=(12, 19), shape=(20,), classes=4))
+    mat = lambda: nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 4))  # noqa: E731
+    assert_same(make_jobs(mat, sizes=(12, 17), shape=(6, 6), classes=4))
+
+
 def test_stacked_forward_equals_each_models_forward():
     models = [rich_net() for _ in range(3)]
     x = torch.randn(3, 8, 2, 8, 8)
