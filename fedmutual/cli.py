@@ -11,12 +11,12 @@ from fedmutual.errors import FedmutualError
 
 # flag -> config key, for the flags shared by run and compare
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--algorithm", "algorithm", str, "fedavg | fedprox | local | fml"),
+    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | dfml | dfedavg"),
     ("--dataset", "dataset", str, "fashion-mnist | mnist | idx | cifar10 | cifar100"),
     ("--data-dir", "data_dir", str, "directory holding the dataset files"),
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),
     ("--clients", "clients", int, "number of clients K"),
-    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2"),
+    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2, or a,b,c assigned round-robin to the clients"),
     ("--rounds", "rounds", int, "communication rounds T"),
     ("--local-epochs", "local_epochs", int, "local epochs E per round"),
     ("--batch-size", "batch_size", int, "mini-batch size B"),
@@ -28,6 +28,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--threads", "threads", int, "torch intra-op threads (default: available cores)"),
     ("--engine", "engine", str, "auto | stacked | loop: how client cohorts train (default auto)"),
     ("--out", "out", str, "parent directory of run directories (default runs/)"),
+    ("--eval-every", "eval_every", int, "evaluate every N rounds, and always the last (default 1)"),
     ("--name", "name", str, "run directory name (default: derived from the config and time)"),
 ]
 
@@ -50,7 +51,7 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmutual", description="Federated mutual learning: FML, FedAvg, FedProx and local training.")
+    parser = argparse.ArgumentParser(prog="fedmutual", description="Federated mutual learning: FML, DFML, FedAvg, FedProx, decentralized FedAvg and local training.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command")
     p_run = sub.add_parser("run", help="run one experiment (default: FML on Fashion-MNIST, 5 clients, shards:2, LeNet5)")
