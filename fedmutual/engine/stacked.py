@@ -36,23 +36,27 @@ from torch.nn.utils.rnn import pad_sequence
 
 from fedmutual.engine.cohort import ClientJob, JobResult, batch_order, train_job
 from fedmutual.engine.stacking import (
-    OptimSpec, StackedModel, StackedOptimizer, architecture, has_batchnorm, optimizer_spec, stacked_optimizer, trace,
+    Footprint, OptimSpec, StackedModel, StackedOptimizer, architecture, has_batchnorm, optimizer_spec,
+    stacked_optimizer, trace,
 )
 from fedmutual.errors import NonFiniteLossError
 from fedmutual.losses import is_stackable, mutual_loss
 
 ENGINES = ("auto", "stacked", "loop")
 
-# Samples per stacked forward call (models x batch). Larger stacks run out of cache
-# and lose throughput; measured with benchmarks/engine.py.
+# The size of a stacked call (a chunk of clients), so that its work stays in cache;
+# measured on this machine with benchmarks/engine.py. At most this many samples
+# (models x batch) per forward call; larger stacks lose throughput.
 SAMPLES_PER_CALL = 2048
+# At most this many bytes in the call's largest activations: CNN2's first conv output
+# is 400 KB per sample, so 2048 samples would need 800 MB and run from memory.
+ACTIVATION_BUDGET = 32 << 20
+# At most this many bytes of parameters: every step reads and writes each model's
+# parameters, gradients and momentum; the MLP (0.8 MB) ran 1.4x faster in DML with
+# 6 models per call than with 40.
+PARAMETER_BUDGET = 8 << 20
 
-# The ``auto`` rule: convolutions with more input x output channels (per group) than
-# this run at least as fast on the loop, because a grouped convolution of many wide
-# groups is less efficient than the dense convolutions the loop calls.
-WIDE_CONV = 64 * 64
-
-_trace_cache: dict[tuple[Any, ...], bool] = {}
+_trace_cache: dict[tuple[Any, ...], Footprint | None] = {}
 _allocator_tuned = False
 
 
@@ -79,7 +83,8 @@ def keep_freed_memory() -> bool:
     return _allocator_tuned
 
 
-def _traced(model: torch.nn.Module, arch: Any, sample: tuple[int, ...]) -> bool:
+def _footprint(model: torch.nn.Module, arch: Any, sample: tuple[int, ...]) -> Footprint | None:
+    """:func:`trace`, cached per architecture and sample shape."""
     key = (arch, sample)
     if key not in _trace_cache:
         _trace_cache[key] = trace(model, sample)
@@ -100,29 +105,46 @@ def job_key(job: ClientJob) -> tuple[Any, ...] | None:
     members = []
     for m in job.members:
         arch = architecture(m.model)
-        if arch is None or arch[1:] != (str(job.x.dtype), str(job.x.device)) or not _traced(m.model, arch, sample):
+        if arch is None or arch[1:] != (str(job.x.dtype), str(job.x.device)):
             return None
         spec = optimizer_spec(m.optimizer, m.model)
-        if spec is None or (has_batchnorm(m.model) and _ragged_singleton(job)):
+        foot = _footprint(m.model, arch, sample)
+        if foot is None or spec is None or (has_batchnorm(m.model) and _ragged_singleton(job)):
             return None
-        members.append((arch, spec))
+        members.append((arch, spec, foot, sum(p.numel() for p in m.model.parameters())))
     peers = None if job.peers is None else tuple(tuple(int(i) for i in p) for p in job.peers)
     return (tuple(members), sample, str(job.x.dtype), str(job.x.device), id(job.ce), float(job.temperature), peers)
 
 
-def _conv_width(arch: Any) -> int:
-    """The largest (in x out channels per group) of the architecture's convolutions."""
-    widths = [(s[1] // s[7]) * (s[2] // s[7]) for s in arch[0] if s[0] == "Conv2d"]
-    return max(widths, default=0)
+def clients_per_chunk(batch: int, members: Sequence[tuple[Any, ...]]) -> int:
+    """How many clients one stacked call holds (at least one).
+
+    At most :data:`SAMPLES_PER_CALL` samples (models x batch), at most
+    :data:`ACTIVATION_BUDGET` bytes in the members' largest activations over the
+    batch, and at most :data:`PARAMETER_BUDGET` bytes of parameters. ``members``
+    are the ``(arch, optimizer, footprint, parameter count)`` entries of
+    a :func:`job_key`.
+    """
+    activations = sum(m[2].activation for m in members)
+    params = sum(m[3] for m in members)
+    per = min(
+        SAMPLES_PER_CALL // (len(members) * batch),
+        ACTIVATION_BUDGET // (4 * batch * activations),
+        PARAMETER_BUDGET // (4 * params),
+    )
+    return max(1, per)
 
 
-def prefers_stacking(key: tuple[Any, ...], n_models: int) -> bool:
-    """The ``auto`` rule: stack unless there is nothing to stack or a member has wide convolutions.
+def prefers_stacking(key: tuple[Any, ...], n_jobs: int, batch: int) -> bool:
+    """The ``auto`` rule: stack when a stacked call would hold at least two models.
 
+    A call holds one model when there is only one, or when one client's
+    activations alone fill the cache budget (CNN2 at B = 128: 400 KB per sample
+    in its first layer): stacking then only adds copies, and the loop is as fast.
     A deterministic rule rather than a timed probe, so that the same config picks
     the same engine on every run (and therefore gives bit-identical metrics).
     """
-    return n_models >= 2 and all(_conv_width(arch) <= WIDE_CONV for arch, _ in key[0])
+    return min(n_jobs, clients_per_chunk(batch, key[0])) * len(key[0]) >= 2
 
 
 @dataclass
@@ -157,7 +179,7 @@ def plan_cohort(jobs: Sequence[ClientJob], engine: str = "auto") -> Plan:
         return Plan([], list(range(len(jobs))))
     stacked = []
     for key, ids in groups.items():
-        if engine == "stacked" or prefers_stacking(key, len(ids) * len(key[0])):
+        if engine == "stacked" or prefers_stacking(key, len(ids), max(jobs[i].batch_size for i in ids)):
             stacked.append(ids)
         else:
             loop += ids
@@ -170,11 +192,10 @@ def schedule(job: ClientJob) -> list[torch.Tensor]:
     return [idx for epoch in range(job.epochs) for idx in batch_order(n, job.batch_size, job.shuffle_seed, epoch)]
 
 
-def chunks(ids: Sequence[int], steps: dict[int, int] | Sequence[int], models_per_job: int, batch: int) -> list[list[int]]:
-    """Cut a group into chunks of about :data:`SAMPLES_PER_CALL` samples per call, most steps first."""
+def chunks(ids: Sequence[int], steps: dict[int, int], batch: int, members: Sequence[tuple[Any, ...]]) -> list[list[int]]:
+    """Cut a group into balanced chunks of at most :func:`clients_per_chunk` clients, most steps first."""
     order = sorted(ids, key=lambda i: -steps[i])
-    per = max(1, SAMPLES_PER_CALL // max(1, models_per_job * batch))
-    n = math.ceil(len(order) / per)
+    n = math.ceil(len(order) / clients_per_chunk(batch, members))
     size = math.ceil(len(order) / n)
     return [order[s : s + size] for s in range(0, len(order), size)]
 
@@ -246,19 +267,16 @@ def train_chunk(
         return results
     device = first.x.device
     width = max(len(b) for s in scheds for b in s)
-    offsets = [0]
-    for job in jobs[:-1]:
-        offsets.append(offsets[-1] + len(job.y))
-    x = torch.cat([job.x for job in jobs]) if c > 1 else first.x
-    y = torch.cat([job.y for job in jobs]) if c > 1 else first.y
+    # each client's batches as rows of local indices, padded with one of the client's own samples
     index = torch.zeros(steps[0], c, width, dtype=torch.long)
     sizes = [[len(idx) for idx in sched] for sched in scheds]
     for j, sched in enumerate(scheds):
         if sched:
             padded = pad_sequence(sched, batch_first=True, padding_value=-1)
-            padded = torch.where(padded < 0, padded[:, :1], padded)  # padding: one of the client's own samples
-            index[: len(sched), j, : padded.shape[1]] = padded + offsets[j]
+            index[: len(sched), j, : padded.shape[1]] = torch.where(padded < 0, padded[:, :1], padded)
     index = index.to(device)
+    xbuf = first.x.new_empty((c, width, *first.x.shape[1:]))  # reused every step: a batch is gathered once
+    ybuf = first.y.new_empty((c, width))
     # per step: active clients (a prefix, as clients are sorted), batch width, valid counts if ragged
     plan: list[tuple[int, int, torch.Tensor | None]] = []
     for s in range(steps[0]):
@@ -274,8 +292,10 @@ def train_chunk(
     loss_sum = torch.zeros(c, n_members, dtype=torch.float64, device=device)
     for s, (a, b, counts) in enumerate(plan):
         mask = arange[:b] < counts[:, None] if counts is not None else None
-        idx = index[s, :a, :b]
-        xb, yb = x[idx], y[idx]
+        for j in range(a):
+            torch.index_select(jobs[j].x, 0, index[s, j, :b], out=xbuf[j, :b])
+            torch.index_select(jobs[j].y, 0, index[s, j, :b], out=ybuf[j, :b])
+        xb, yb = xbuf[:a, :b], ybuf[:a, :b]
         logits: list[torch.Tensor] = [None] * n_members  # type: ignore[list-item]
         prox: list[torch.Tensor] = []
         for st in stacks:
@@ -330,10 +350,10 @@ def run_cohort_stacked(
         return not failures or min(ids) < min(failures)
 
     for ids in plan.groups:
-        key_members = len(jobs[ids[0]].members)
         steps = {i: jobs[i].epochs * math.ceil(len(jobs[i].y) / jobs[i].batch_size) for i in ids}
         batch = max(jobs[i].batch_size for i in ids)
-        for chunk in chunks(ids, steps, key_members, batch):
+        members = job_key(jobs[ids[0]])[0]  # type: ignore[index]
+        for chunk in chunks(ids, steps, batch, members):
             if needed(chunk):
                 for i, r in zip(chunk, train_chunk([jobs[i] for i in chunk], round, on_step, failures, chunk)):
                     results[i] = r

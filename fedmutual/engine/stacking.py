@@ -28,7 +28,7 @@ stackable (``None``), and the engine trains it with the plain loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -141,22 +141,33 @@ def _meta(shape: Sequence[int]) -> torch.Tensor:
     return torch.empty(*shape, device="meta")
 
 
-def trace(model: nn.Module, sample_shape: Sequence[int]) -> bool:
-    """Whether the stacked forward can run ``model`` on samples of ``sample_shape`` and end in logits ``[B, C]``.
+class Footprint(NamedTuple):
+    """Per sample: the largest activation (elements) and the multiply-adds of linear and conv layers."""
+
+    activation: int
+    linear_macs: int
+    conv_macs: int
+
+
+def trace(model: nn.Module, sample_shape: Sequence[int]) -> Footprint | None:
+    """The :class:`Footprint` of ``model`` on samples of ``sample_shape``, if the stacked forward can run it.
 
     Walks the layers with the activation layout and shape, using meta tensors
-    for the shapes of convolutions and pools; any mismatch means "use the loop"
-    (which then reports the real error, if there is one).
+    for the shapes of convolutions and pools. The model must end in logits
+    ``[B, C]``; any mismatch gives None, "use the loop" (which then reports the
+    real error, if there is one).
     """
     layers = flat_layers(model)
     if layers is None:
-        return False
+        return None
     shape = tuple(sample_shape)
     layout = IMG if len(shape) == 3 else VEC if len(shape) == 1 else None
     if layout is None:  # other sample shapes only through a leading Flatten
         if type(layers[0][1]) is not nn.Flatten:
-            return False
+            return None
         layout, shape = VEC, (int(torch.Size(shape).numel()),)
+    largest = int(torch.Size(shape).numel())
+    linear_macs = conv_macs = 0
     try:
         for _, m in layers:
             t = type(m)
@@ -164,32 +175,35 @@ def trace(model: nn.Module, sample_shape: Sequence[int]) -> bool:
                 layout, shape = VEC, (int(torch.Size(shape).numel()),)
             elif t is nn.Linear:
                 if layout != VEC or shape[0] != m.in_features:
-                    return False
+                    return None
                 shape = (m.out_features,)
+                linear_macs += m.in_features * m.out_features
             elif t is nn.Conv2d:
                 if layout != IMG or shape[0] != m.in_channels:
-                    return False
+                    return None
                 pad = m.padding if m.padding_mode == "zeros" else 0
                 x = _meta((1, *shape))
                 if m.padding_mode != "zeros":
                     x = F.pad(x, m._reversed_padding_repeated_twice, mode="constant")
                 shape = tuple(F.conv2d(x, _meta(m.weight.shape), None, m.stride, pad, m.dilation, m.groups).shape[1:])
+                conv_macs += int(torch.Size(shape).numel()) * m.weight[0].numel()
             elif t in POOLS:
                 if layout != IMG:
-                    return False
+                    return None
                 shape = tuple(m(_meta((1, *shape))).shape[1:])
             elif t is nn.BatchNorm2d:
                 if layout != IMG or shape[0] != m.num_features:
-                    return False
+                    return None
             elif t is nn.BatchNorm1d:
                 if layout != VEC or shape[0] != m.num_features:
-                    return False
+                    return None
             elif t is nn.Dropout2d:
                 if layout != IMG:
-                    return False
+                    return None
+            largest = max(largest, int(torch.Size(shape).numel()))
     except RuntimeError:
-        return False
-    return layout == VEC
+        return None
+    return Footprint(largest, linear_macs, conv_macs) if layout == VEC else None
 
 
 def has_batchnorm(model: nn.Module) -> bool:

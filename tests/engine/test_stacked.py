@@ -312,10 +312,16 @@ def test_hooks_make_a_model_unconvertible():
     assert architecture(m) is None
 
 
-def test_auto_stacks_small_models_and_loops_wide_convolutions_and_lone_models():
+def test_auto_stacks_unless_a_call_would_hold_one_model():
     assert plan_cohort(make_jobs(zoo("lenet5")), "auto").groups == [[0, 1, 2]]
-    assert plan_cohort(make_jobs(zoo("cnn2")), "auto").groups == []
-    assert plan_cohort(make_jobs(zoo("cnn2")), "stacked").groups == [[0, 1, 2]]
+    # CNN2 on 28x28 at B = 128: one client's first-layer activations fill the cache budget
+    cnn2 = lambda: build_model("cnn2", (1, 28, 28), 10)  # noqa: E731
+    wide = make_jobs(cnn2, sizes=(4, 4, 4), shape=(1, 28, 28), batch=128)
+    assert plan_cohort(wide, "auto").groups == []
+    assert plan_cohort(wide, "stacked").groups == [[0, 1, 2]]
+    assert plan_cohort(make_jobs(cnn2, sizes=(4, 4, 4), shape=(1, 28, 28), batch=32), "auto").groups == [[0, 1, 2]]
+    two = make_jobs(cnn2, sizes=(4, 4, 4), shape=(1, 28, 28), batch=128, weights=((0.5, 0.5), (0.5, 0.5)))
+    assert plan_cohort(two, "auto").groups == [[0, 1, 2]]  # a client's two members share a call
     assert plan_cohort(make_jobs(zoo("mlp"), sizes=(8,)), "auto").groups == []
     mixed = make_jobs(zoo("mlp"), sizes=(8, 8)) + make_jobs(zoo("cnn1"), sizes=(8, 8))
     for i, job in enumerate(mixed):
