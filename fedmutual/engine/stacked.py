@@ -11,8 +11,8 @@ own module and optimizer. What differs is how the work is laid out:
    be stacked, or whose architecture ``auto`` runs faster on the loop, go to
    the loop. Jobs with equal keys form a group.
 2. *Chunking.* A group's clients are sorted by their number of steps (most
-   first) and cut into chunks of about :data:`SAMPLES_PER_CALL` samples per
-   forward call, which keeps the activations in cache.
+   first) and cut into chunks small enough that a stacked call's activations
+   and parameters stay in cache (:func:`clients_per_chunk`).
 3. *Training a chunk.* Per step, every client that still has batches takes
    its next one. Because clients are sorted, the active ones are always a
    prefix of the chunk, and the forward pass runs on the prefix slice of the
@@ -55,6 +55,9 @@ ACTIVATION_BUDGET = 32 << 20
 # parameters, gradients and momentum; the MLP (0.8 MB) ran 1.4x faster in DML with
 # 6 models per call than with 40.
 PARAMETER_BUDGET = 8 << 20
+# ``auto`` leaves models without convolutions to the loop above this many
+# multiply-adds per client step (batch x linear multiply-adds per sample).
+LINEAR_WORK = 8_000_000
 
 _trace_cache: dict[tuple[Any, ...], Footprint | None] = {}
 _allocator_tuned = False
@@ -136,15 +139,22 @@ def clients_per_chunk(batch: int, members: Sequence[tuple[Any, ...]]) -> int:
 
 
 def prefers_stacking(key: tuple[Any, ...], n_jobs: int, batch: int) -> bool:
-    """The ``auto`` rule: stack when a stacked call would hold at least two models.
+    """The ``auto`` rule: stack when a stacked call would hold at least two models, unless the
+    models are linear only and each client step is already large.
 
     A call holds one model when there is only one, or when one client's
     activations alone fill the cache budget (CNN2 at B = 128: 400 KB per sample
-    in its first layer): stacking then only adds copies, and the loop is as fast.
+    in its first layer): stacking then only adds copies. A model without
+    convolutions runs matrix products that are efficient one client at a time
+    once a step holds more than :data:`LINEAR_WORK` multiply-adds (the MLP at
+    B = 128), and stacking then only adds memory traffic.
     A deterministic rule rather than a timed probe, so that the same config picks
     the same engine on every run (and therefore gives bit-identical metrics).
     """
-    return min(n_jobs, clients_per_chunk(batch, key[0])) * len(key[0]) >= 2
+    members = key[0]
+    if any(foot.conv_macs == 0 and batch * foot.linear_macs > LINEAR_WORK for _, _, foot, _ in members):
+        return False
+    return min(n_jobs, clients_per_chunk(batch, members)) * len(members) >= 2
 
 
 @dataclass
