@@ -89,7 +89,7 @@ def train_job(job: ClientJob, round: int, on_step: Callable[[], None] | None = N
                     total = total + prox_term(m.model, m.prox_ref, m.prox_mu)
             value = float(total.detach())
             if not math.isfinite(value):
-                raise NonFiniteLossError(job.client, round, value)
+                raise NonFiniteLossError(job.client, round + 1, value)  # rounds are reported 1-based
             for m in job.members:
                 m.optimizer.zero_grad(set_to_none=True)
             total.backward()
