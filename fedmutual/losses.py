@@ -83,6 +83,11 @@ def kl_divergence(
     t = float(temperature)
     log_q = F.log_softmax(student_logits / t, dim=-1)
     log_p = F.log_softmax(teacher_logits.detach() / t, dim=-1)
+    return _kl(log_p, log_q, t, mask)
+
+
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor, t: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """:func:`kl_divergence` from the softened log-probabilities of teacher (detached) and student."""
     per_sample = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
     kl = per_sample.mean() if per_sample.dim() == 1 and mask is None else batch_mean(per_sample, mask)
     return kl * (t * t) if t != 1.0 else kl
@@ -126,6 +131,14 @@ def mutual_loss(
         raise ValueError(f"need one w_ce and one w_kl per model: {n} models, {len(w_ce)} w_ce, {len(w_kl)} w_kl")
     if peers is None:
         peers = [[j for j in range(n) if j != i] for i in range(n)]
+    t = float(temperature)
+    log_probs: dict[int, torch.Tensor] = {}  # softened log-softmax per model, computed once (teachers detach it)
+
+    def log_prob(i: int) -> torch.Tensor:
+        if i not in log_probs:
+            log_probs[i] = F.log_softmax(logits[i] / t, dim=-1)
+        return log_probs[i]
+
     losses: list[torch.Tensor] = []
     for i in range(n):
         loss: torch.Tensor | None = None  # 0 + x and 1.0 * x are exact: skipping them changes no bit
@@ -133,7 +146,11 @@ def mutual_loss(
             ce_i = ce(logits[i], target) if mask is None else ce(logits[i], target, mask=mask)  # type: ignore[call-arg]
             loss = ce_i if _is_one(w_ce[i]) else w_ce[i] * ce_i
         if _nonzero(w_kl[i]) and len(peers[i]) > 0:
-            kl = sum(kl_divergence(logits[j], logits[i], temperature, mask) for j in peers[i])
+            # = sum of kl_divergence(z_j, z_i). A student taught by several peers gets a fresh
+            # log-softmax per term, so that its gradient sums exactly as it always did.
+            several = len(peers[i]) > 1
+            kl = sum(_kl(log_prob(j).detach(), F.log_softmax(logits[i] / t, dim=-1) if several else log_prob(i), t, mask)
+                     for j in peers[i])
             term = w_kl[i] * kl / len(peers[i])
             loss = term if loss is None else loss + term
         losses.append(logits[i].new_zeros(logits[i].shape[:-2]) if loss is None else loss)

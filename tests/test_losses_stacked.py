@@ -76,3 +76,40 @@ def test_stackable_marks_and_batch_mean():
 def test_plain_form_unchanged_by_the_generalization():
     za, _, y = _stacked()
     assert float(cross_entropy(za[0], y[0])) == pytest.approx(float(torch.nn.functional.cross_entropy(za[0], y[0])), abs=0)
+
+
+def _reference_mutual_loss(logits, target, w_ce, w_kl, temperature, peers):
+    """The plain-form loss as first written: one KL call per (student, teacher) pair."""
+    n = len(logits)
+    peers = peers or [[j for j in range(n) if j != i] for i in range(n)]
+    losses = []
+    for i in range(n):
+        loss = logits[i].new_zeros(())
+        if w_ce[i] != 0:
+            loss = loss + w_ce[i] * cross_entropy(logits[i], target)
+        if w_kl[i] != 0 and peers[i]:
+            loss = loss + w_kl[i] * sum(kl_divergence(logits[j], logits[i], temperature) for j in peers[i]) / len(peers[i])
+        losses.append(loss)
+    return torch.stack(losses).sum(), losses
+
+
+@pytest.mark.parametrize("n,w_ce,w_kl,peers", [
+    (1, [1.0], [0.0], None),
+    (2, [0.3, 1.0], [0.7, 0.0], None),
+    (3, [0.0, 0.5, 1.0], [1.0, 1.0, 0.5], [[1, 2], [0], [0, 1]]),
+    (4, [0.5] * 4, [0.5] * 4, None),
+])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_plain_mutual_loss_values_and_gradients_are_bit_identical_to_the_first_form(n, w_ce, w_kl, peers, temperature):
+    g = torch.Generator().manual_seed(n)
+    base = [torch.randn(9, 5, generator=g) for _ in range(n)]
+    y = torch.randint(0, 5, (9,), generator=g)
+    a = [z.clone().requires_grad_() for z in base]
+    b = [z.clone().requires_grad_() for z in base]
+    total_a, parts_a = mutual_loss(a, y, w_ce, w_kl, temperature, peers=peers)
+    total_b, parts_b = _reference_mutual_loss(b, y, w_ce, w_kl, temperature, peers)
+    total_a.backward()
+    total_b.backward()
+    assert torch.equal(total_a, total_b)
+    assert all(torch.equal(p, q) for p, q in zip(parts_a, parts_b))
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(a, b))

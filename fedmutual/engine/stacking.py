@@ -537,11 +537,13 @@ class StackedOptimizer:
     def _gather(self, key: str) -> list[torch.Tensor]:
         """Stack one state buffer of every parameter; absent state starts at zero."""
         out = []
-        for i in range(len(self.params)):
-            rows = []
-            for j in range(self.stack.size):
-                t = self._state(key, j, i)
-                rows.append(t.detach() if t is not None else torch.zeros_like(self.stack.member_params[j][i]))
+        for i, p in enumerate(self.params):
+            found = [self._state(key, j, i) for j in range(self.stack.size)]
+            if all(t is None for t in found):  # fresh optimizers: no copies
+                out.append(torch.zeros_like(p, requires_grad=False))
+                continue
+            rows = [t.detach() if t is not None else torch.zeros_like(self.stack.member_params[j][i])
+                    for j, t in enumerate(found)]
             out.append(self.stack.pack(i, rows))
         return out
 
