@@ -57,7 +57,7 @@ ACTIVATION_BUDGET = 32 << 20
 PARAMETER_BUDGET = 8 << 20
 # ``auto`` leaves models without convolutions to the loop above this many
 # multiply-adds per client step (batch x linear multiply-adds per sample).
-LINEAR_WORK = 8_000_000
+LINEAR_WORK = 10_000_000
 
 _trace_cache: dict[tuple[Any, ...], Footprint | None] = {}
 _allocator_tuned = False

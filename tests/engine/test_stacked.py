@@ -322,6 +322,10 @@ def test_auto_stacks_unless_a_call_would_hold_one_model():
     assert plan_cohort(make_jobs(cnn2, sizes=(4, 4, 4), shape=(1, 28, 28), batch=32), "auto").groups == [[0, 1, 2]]
     two = make_jobs(cnn2, sizes=(4, 4, 4), shape=(1, 28, 28), batch=128, weights=((0.5, 0.5), (0.5, 0.5)))
     assert plan_cohort(two, "auto").groups == [[0, 1, 2]]  # a client's two members share a call
+    # a linear-only model with a large step is left to the loop
+    mlp = lambda: build_model("mlp", (1, 28, 28), 10)  # noqa: E731
+    assert plan_cohort(make_jobs(mlp, sizes=(4, 4), shape=(1, 28, 28), batch=32), "auto").groups == [[0, 1]]
+    assert plan_cohort(make_jobs(mlp, sizes=(4, 4), shape=(1, 28, 28), batch=128), "auto").groups == []
     assert plan_cohort(make_jobs(zoo("mlp"), sizes=(8,)), "auto").groups == []
     mixed = make_jobs(zoo("mlp"), sizes=(8, 8)) + make_jobs(zoo("cnn1"), sizes=(8, 8))
     for i, job in enumerate(mixed):
