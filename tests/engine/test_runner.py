@@ -81,3 +81,16 @@ def test_nan_loss_stops_cleanly_and_keeps_metrics(tmp_path, monkeypatch):
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1]
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+
+
+def test_dfml_same_seed_same_metrics_and_holdout_validation(tmp_path):
+    cfg = Config(algorithm="dfml", model="mlp,lenet5", partition="dirichlet:0.5", clients=4, limit_train=1200, limit_test=400,
+                 rounds=3, batch_size=64, out=str(tmp_path), progress=False, dfml={"participants": 3, "period": 3})
+    a, b = run(cfg, quiet=True), run(cfg, quiet=True)
+    assert _without_timing(a.metrics) == _without_timing(b.metrics)
+    assert a.metrics[-1]["global_acc"] is None and len(a.metrics[-1]["current_acc_global_test"]) == 4
+    assert [r["peak_round"] for r in a.metrics] == [0.0, 0.0, 1.0]
+    sizes = json.loads((a.run_dir / "partition.json").read_text())
+    # DFML holds out 20% of each client's own data for validation
+    for n_train, n_val in zip(sizes["train_sizes"], sizes["val_sizes"]):
+        assert n_val == round(0.2 * (n_train + n_val))
