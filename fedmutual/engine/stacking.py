@@ -27,6 +27,7 @@ stackable (``None``), and the engine trains it with the plain loop.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -603,8 +604,11 @@ class StackedOptimizer:
         uses the parameter has run, and autograd's version counters would refuse
         an in-place update that came too early.
         """
-        for i, p in enumerate(self.params):
-            p.register_post_accumulate_grad_hook(lambda _p, i=i: self.update(i))
+        me = weakref.ref(self)  # no cycle param -> hook -> optimizer -> param: chunks are freed at once
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(lambda _p, i=i: me().update(i))  # type: ignore[union-attr]
+            for i, p in enumerate(self.params)
+        ]
 
     def write_back(self) -> None:
         raise NotImplementedError

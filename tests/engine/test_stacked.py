@@ -382,3 +382,26 @@ def test_short_fml_run_gives_the_same_metrics_on_either_engine(tmp_path):
         assert accs and {k: a[k] for k in accs} == {k: b[k] for k in accs}
         for k in ("train_loss_local", "train_loss_meme"):
             assert a[k] == pytest.approx(b[k], abs=1e-5)
+
+
+def test_stacked_models_are_freed_when_the_cohort_ends(monkeypatch):
+    import gc
+    import weakref
+
+    import fedmutual.engine.stacked as stacked
+
+    made = []
+
+    def recording(*args, **kwargs):
+        opt = real(*args, **kwargs)
+        made.append((weakref.ref(opt), weakref.ref(opt.params[0])))
+        return opt
+
+    real = stacked.stacked_optimizer
+    monkeypatch.setattr(stacked, "stacked_optimizer", recording)
+    gc.disable()  # no reference cycles: memory is released without the cycle collector
+    try:
+        run_cohort(make_jobs(zoo("mlp"), sizes=(8, 8)), 0, engine="stacked")
+        assert made and all(opt() is None and param() is None for opt, param in made)
+    finally:
+        gc.enable()
