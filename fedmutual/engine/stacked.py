@@ -225,7 +225,8 @@ def _per_client(values: list[float], device: torch.device) -> float | torch.Tens
     return values[0] if all(v == values[0] for v in values) else torch.tensor(values, device=device)
 
 
-def _rows(w: float | torch.Tensor, a: int) -> float | torch.Tensor:
+def _first(w: float | torch.Tensor, a: int) -> float | torch.Tensor:
+    """The first ``a`` clients' entries of a per-client weight (a float is everyone's)."""
     return w[:a] if isinstance(w, torch.Tensor) else w
 
 
@@ -254,7 +255,6 @@ def _build_stacks(jobs: Sequence[ClientJob]) -> list[_Stack]:
 
 def train_chunk(
     jobs: Sequence[ClientJob],
-    round: int,
     on_step: Callable[[], None] | None,
     failures: dict[int, float],
     ids: Sequence[int],
@@ -288,19 +288,19 @@ def train_chunk(
     xbuf = first.x.new_empty((c, width, *first.x.shape[1:]))  # reused every step: a batch is gathered once
     ybuf = first.y.new_empty((c, width))
     # per step: active clients (a prefix, as clients are sorted), batch width, valid counts if ragged
-    plan: list[tuple[int, int, torch.Tensor | None]] = []
+    layout: list[tuple[int, int, torch.Tensor | None]] = []
     for s in range(steps[0]):
         a = sum(t > s for t in steps)
         counts = [sizes[j][s] for j in range(a)]
         b = max(counts)
-        plan.append((a, b, torch.tensor(counts, device=device) if min(counts) < b else None))
+        layout.append((a, b, torch.tensor(counts, device=device) if min(counts) < b else None))
     arange = torch.arange(width, device=device)
 
     stacks = _build_stacks(jobs)
     w_ce = [_per_client([job.members[i].w_ce for job in jobs], device) for i in range(n_members)]
     w_kl = [_per_client([job.members[i].w_kl for job in jobs], device) for i in range(n_members)]
     loss_sum = torch.zeros(c, n_members, dtype=torch.float64, device=device)
-    for s, (a, b, counts) in enumerate(plan):
+    for s, (a, b, counts) in enumerate(layout):
         mask = arange[:b] < counts[:, None] if counts is not None else None
         for j in range(a):
             torch.index_select(jobs[j].x, 0, index[s, j, :b], out=xbuf[j, :b])
@@ -314,9 +314,9 @@ def train_chunk(
             for pos, i in enumerate(st.members):
                 logits[i] = out[:, pos]
             if st.refs is not None:
-                prox.append(st.model.prox(st.refs, _rows(st.mu, a * n), a * n).view(a, n).sum(1))
+                prox.append(st.model.prox(st.refs, _first(st.mu, a * n), a * n).view(a, n).sum(1))
         total, parts = mutual_loss(
-            logits, yb, [_rows(w, a) for w in w_ce], [_rows(w, a) for w in w_kl],
+            logits, yb, [_first(w, a) for w in w_ce], [_first(w, a) for w in w_kl],
             first.temperature, first.ce, first.peers, mask,
         )
         for p in prox:
@@ -365,7 +365,7 @@ def run_cohort_stacked(
         members = job_key(jobs[ids[0]])[0]  # type: ignore[index]
         for chunk in chunks(ids, steps, batch, members):
             if needed(chunk):
-                for i, r in zip(chunk, train_chunk([jobs[i] for i in chunk], round, on_step, failures, chunk)):
+                for i, r in zip(chunk, train_chunk([jobs[i] for i in chunk], on_step, failures, chunk)):
                     results[i] = r
     for i in plan.loop:
         if needed([i]):

@@ -566,10 +566,6 @@ class StackedOptimizer:
             if dst:
                 torch._foreach_copy_(dst, src)
 
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
-
     def begin(self, m: int) -> None:
         """Start a step of the first ``m`` models; :meth:`update` then applies it parameter by parameter."""
         self.active = m
