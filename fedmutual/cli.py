@@ -30,6 +30,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--out", "out", str, "parent directory of run directories (default runs/)"),
     ("--eval-every", "eval_every", int, "evaluate every N rounds, and always the last (default 1)"),
     ("--name", "name", str, "run directory name (default: derived from the config and time)"),
+    ("--checkpoint-every", "checkpoint_every", int, "write a checkpoint every N rounds, 0 for none (default 1)"),
 ]
 
 
@@ -56,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     p_run = sub.add_parser("run", help="run one experiment (default: FML on Fashion-MNIST, 5 clients, shards:2, LeNet5)")
     _add_run_options(p_run)
+    p_run.add_argument("--resume", metavar="DIR", default=None,
+                       help="continue the run in DIR from its last complete checkpoint, with DIR's config.json")
     p_cmp = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
     p_cmp.add_argument("--algorithms", default="fedavg,fedprox,fml", help="comma-separated algorithms (default fedavg,fedprox,fml)")
     _add_run_options(p_cmp, with_algorithm=False)
@@ -99,6 +102,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "partition":
             _cmd_partition(ns)
+            return 0
+        if ns.command == "run" and ns.resume is not None:
+            from fedmutual.config import ConfigError
+            from fedmutual.engine.runner import resume
+
+            given = [f for f, k, _, _ in _FLAGS if getattr(ns, k, None) is not None] + (["--config"] if ns.config else []) + \
+                (["--set"] if ns.sets else []) + (["--download"] if ns.download else []) + (["--no-progress"] if ns.progress is False else [])
+            if given:
+                raise ConfigError(f"--resume continues a run with the config in {ns.resume}/config.json; "
+                                  f"drop {', '.join(given)} (to change settings, start a new run)")
+            resume(ns.resume)
             return 0
         from fedmutual.config import build_config
 

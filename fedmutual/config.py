@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedmutual.errors import ConfigError
 from fedmutual.schedules import Schedule
@@ -63,6 +63,34 @@ class DFedAvgConfig(_Strict):
     weighting: Literal["samples", "uniform"] = "samples"
 
 
+class FaultsConfig(_Strict):
+    """Simulated failing clients, drawn per round and client from the run seed (see fedmutual.faults)."""
+
+    dropout: float = Field(default=0.0, ge=0, le=1)  # probability a sampled client is offline for the round
+    crash: float = Field(default=0.0, ge=0, le=1)  # probability its update raises an exception half-way
+    straggler: float = Field(default=0.0, ge=0, le=1)  # probability it is slow this round
+    slowdown: float = Field(default=4.0, ge=1)  # a straggler takes U(1, slowdown) times a normal client's time
+    deadline: float | None = Field(default=None, gt=0)  # in normal client times; replies later than it are dropped
+    min_replies: int = Field(default=1, ge=1)  # fewer valid replies than this: the round is skipped
+
+
+class AttackConfig(_Strict):
+    """Simulated hostile clients: what they do to every message they send."""
+
+    kind: Literal["none", "sign_flip", "noise", "constant_label", "nan"] = "none"
+    clients: list[int] = Field(default_factory=list)  # attacker ids; with count, a seeded draw adds the rest
+    count: int = Field(default=0, ge=0)  # number of attackers drawn from the seed (stream "attackers")
+    scale: float = Field(default=1.0, ge=0)  # sign_flip: ref - scale·(x - ref); noise: standard deviation
+    label: int = Field(default=0, ge=0)  # constant_label: the label every prediction claims
+
+
+class AggregationConfig(_Strict):
+    """How replies are combined: the mean, or a robust rule that ignores extreme values per coordinate."""
+
+    rule: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim: float = Field(default=0.1, ge=0, lt=0.5)  # trimmed_mean drops floor(trim·n) values at each end
+
+
 class Config(_Strict):
     """Everything that defines a run. Defaults follow the FML paper where it speaks."""
 
@@ -100,6 +128,12 @@ class Config(_Strict):
     fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
     dfml: DFMLConfig = Field(default_factory=DFMLConfig)
     dfedavg: DFedAvgConfig = Field(default_factory=DFedAvgConfig)
+    checkpoint_every: int = Field(default=1, ge=0)  # write a checkpoint every N rounds; 0: never
+    checkpoint_keep: int = Field(default=2, ge=1)  # newest checkpoints kept (older ones are a fallback)
+    max_message_mb: float = Field(default=1024.0, gt=0)  # received messages larger than this are rejected unread
+    faults: FaultsConfig = Field(default_factory=FaultsConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
 
     @field_validator("partition")
     @classmethod
@@ -152,6 +186,22 @@ class Config(_Strict):
             raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
         return v.lower()
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        if self.limit_train is not None and self.clients > self.limit_train:
+            raise ValueError(f"clients: {self.clients} clients but limit_train is {self.limit_train}; "
+                             "every client needs at least one sample, so use at most limit_train clients")
+        bad = [k for k in self.attack.clients if not 0 <= k < self.clients]
+        if bad:
+            raise ValueError(f"attack.clients: {bad} are not clients; allowed: 0..{self.clients - 1}")
+        if self.attack.count > self.clients:
+            raise ValueError(f"attack.count: {self.attack.count} attackers but only {self.clients} clients")
+        per_round = self.clients if self.sample_fraction >= 1 else max(1, int(round(self.sample_fraction * self.clients)))
+        if self.faults.min_replies > per_round:
+            raise ValueError(f"faults.min_replies: {self.faults.min_replies}, but at most {per_round} clients take part in a round "
+                             f"({self.clients} clients, sample_fraction {self.sample_fraction}); every round would be skipped")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -159,7 +209,7 @@ class Config(_Strict):
 def _describe(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "config"
+        key = ".".join(str(p) for p in e["loc"])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -170,7 +220,7 @@ def _describe(err: ValidationError) -> str:
             msg = msg[len("Value error, "):]
         else:
             msg = f"{msg} (got {e.get('input')!r})"
-        lines.append(f"{key}: {msg}")
+        lines.append(f"{key}: {msg}" if key else msg)  # a cross-field message names its keys itself
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
 
+from fedmutual import aggregation
 from fedmutual.config import Config
-from fedmutual.errors import ConfigError
-from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
+from fedmutual.errors import ConfigError, FedmutualError
+from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd, train_job
+from fedmutual.faults import RoundEvents, RoundPlan, attackers, corrupt
 from fedmutual.models import build_model
 from fedmutual.seeding import derive_seed
-from fedmutual.transport import InProcessTransport, Message
+from fedmutual.transport import InProcessTransport, Message, MessageRejected
 
 
 @dataclass
@@ -42,15 +45,34 @@ class Context:
     device: torch.device
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
+    log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
+    round: int = 0
+    plan: RoundPlan = field(default_factory=RoundPlan)
+    events: RoundEvents = field(default_factory=RoundEvents)
+    hostile: set[int] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        a = self.cfg.attack
+        if a.kind == "constant_label" and a.label >= self.num_classes:
+            raise ConfigError(f"attack.label: {a.label}, but the dataset has {self.num_classes} classes (labels 0..{self.num_classes - 1})")
+        self.hostile = attackers(self.cfg)
+        self.transport.max_bytes = int(self.cfg.max_message_mb * 2**20)
+
+    def begin_round(self, t: int, plan: RoundPlan) -> None:
+        """Start round t with its drawn faults (the runner calls this before ``Algorithm.round``)."""
+        self.round, self.plan = t, plan
+        self.events = RoundEvents(dropped=list(plan.dropped))
 
     def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
 
         ``name`` defaults to the shared architecture (see :meth:`shared_model_name`).
         """
+        name = name or self.shared_model_name()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_classes)
+            model = build_model(name, self.input_shape, self.num_classes)
+        model.fedmutual_init = (*stream, name)  # lets a checkpoint rebuild a model created on demand (fedmutual.checkpoint)
         return model.to(self.device)
 
     def client_model_name(self, k: int) -> str:
@@ -89,11 +111,99 @@ class Context:
         )
 
     def train(self, jobs: list[ClientJob], t: int) -> list[JobResult]:
-        return run_cohort(jobs, t, self.on_step, self.cfg.engine)
+        """Train the cohort; a client drawn to crash raises half-way and gets an empty result (``steps == 0``)."""
+        crashing = [j for j in jobs if j.client in self.plan.crash]
+        healthy = [j for j in jobs if j.client not in self.plan.crash]
+        done = dict(zip(map(id, healthy), run_cohort(healthy, t, self.on_step, self.cfg.engine) if healthy else []))
+        for job in crashing:
+            done[id(job)] = self._crash(job, t)
+        return [done[id(j)] for j in jobs]
 
-    def send(self, src: str, dst: str, tensors: dict[str, torch.Tensor], **meta: object) -> Message:
-        """Send a message through the run's transport; returns what the receiver parsed."""
-        return self.transport.send(src, dst, Message(dict(tensors), {k: str(v) for k, v in meta.items()}))
+    def _crash(self, job: ClientJob, t: int) -> JobResult:
+        from fedmutual.engine.cohort import count_steps
+
+        at, steps = max(1, count_steps([job]) // 2), [0]
+
+        def step() -> None:
+            steps[0] += 1
+            if self.on_step is not None:
+                self.on_step()
+            if steps[0] == at:
+                raise ClientCrash(f"client {job.client} crashed in its update (simulated) after {at} steps")
+
+        try:
+            train_job(job, t, step)
+        except ClientCrash as e:
+            self.events.crashed.append(job.client)
+            self.log(f"fedmutual: round {t + 1}: {e}; its reply is lost")
+        return JobResult(job.client)
+
+    def send(self, src: str, dst: str, tensors: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor] | None = None,
+             content: str = "weights", **meta: object) -> Message | None:
+        """Send a message through the run's transport; returns what the receiver accepted, or None.
+
+        None (only ever for a client sender) means the message did not arrive or was rejected: its sender crashed or missed the
+        deadline this round, or the receiver's validation refused it (logged with the reason).
+        ``like`` is what the receiver expects the message to match in keys, shapes and dtypes
+        (default: the tensors as the sender's honest code produced them). Messages from
+        simulated attackers are corrupted here, before they are serialized and counted.
+        ``content`` (weights, probabilities or logits) tells an attacker what it is corrupting.
+        """
+        k = party_index(src)
+        if k is not None and k in self.events.crashed:
+            return None
+        if k is not None and k in self.plan.late:
+            if k not in self.events.late:
+                self.events.late.append(k)
+                self.log(f"fedmutual: round {self.round + 1}: client {k} missed the deadline "
+                         f"({self.plan.delay[k]:.2f} > {self.cfg.faults.deadline}); its messages are discarded")
+            return None
+        schema = like if like is not None else {n: v.detach() for n, v in tensors.items()}
+        if k is not None and k in self.hostile:
+            tensors = corrupt(self.cfg, tensors, like, content, self.round, k, dst)
+        msg = Message(dict(tensors), {n: str(v) for n, v in meta.items()})
+        try:
+            return self.transport.send(src, dst, msg, like=schema)
+        except MessageRejected as e:
+            if k is None:  # a trusted party (the server) produced an invalid message: a bug, not a fault
+                raise FedmutualError(f"round {self.round + 1}: the message from {src} to {dst} is invalid: {e.reason}") from None
+            self.events.rejected.append({"client": k if k is not None else src, "reason": e.reason})
+            self.log(f"fedmutual: round {self.round + 1}: rejected the message from {src} to {dst}: {e.reason}")
+            return None
+
+    def gather(self, dst: str, replies: Mapping[int, Mapping[str, torch.Tensor]], like: Mapping[str, torch.Tensor] | None = None,
+               content: str = "weights", **meta: Any) -> dict[int, Message]:
+        """Send each client's reply to ``dst``; returns the valid ones that arrived, by client.
+
+        A meta value may be a function of the client id (e.g. ``num_samples=lambda k: ...``).
+        With fewer than ``faults.min_replies`` valid replies, the round is marked skipped, a line is
+        logged, and the result is empty: the algorithm then leaves its state as it was.
+        """
+        got: dict[int, Message] = {}
+        for k, tensors in replies.items():
+            m = {n: (v(k) if callable(v) else v) for n, v in meta.items()}
+            msg = self.send(client_name(k), dst, tensors, like=like, content=content, **m)
+            if msg is not None:
+                got[k] = msg
+        need = self.cfg.faults.min_replies
+        if len(got) < need:
+            self.events.skipped = True
+            self.log(f"fedmutual: round {self.round + 1}: {len(got)} valid replies of {len(replies)} reached {dst}, "
+                     f"fewer than faults.min_replies = {need}; the round is skipped")
+            return {}
+        return got
+
+    def aggregate(self, states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+        """Combine model states with the configured rule (``aggregation.rule``; robust rules ignore weights)."""
+        return aggregation.aggregate(states, self.cfg.aggregation.rule, weights, self.cfg.aggregation.trim)
+
+    def reduce(self, stacked: torch.Tensor) -> torch.Tensor:
+        """Combine rows of stacked tensors (one per party, e.g. shared predictions) with the configured rule."""
+        return aggregation.reduce_rows(stacked, self.cfg.aggregation.rule, self.cfg.aggregation.trim)
+
+
+class ClientCrash(Exception):
+    """A simulated exception in a client's update."""
 
 
 def state_of(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -105,6 +215,11 @@ def client_name(k: int) -> str:
     return f"client{k}"
 
 
+def party_index(name: str) -> int | None:
+    """k for ``"client<k>"``; None for other parties (the server)."""
+    return int(name[6:]) if name.startswith("client") and name[6:].isdigit() else None
+
+
 class Algorithm(ABC):
     """One federated method. Subclasses implement :meth:`round` in the paper's words.
 
@@ -113,9 +228,27 @@ class Algorithm(ABC):
     """
 
     name = "base"
+    transient: tuple[str, ...] = ()  # attributes a checkpoint skips (rebuilt from the config at start)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Everything that changes across rounds, as (tensors, JSON tree), for a checkpoint.
+
+        The default walks the instance's attributes (see :mod:`fedmutual.checkpoint`): models,
+        optimizers, tensors, lists and dicts of them and JSON values are covered without code.
+        Override together with :meth:`load_state` for state of another kind.
+        """
+        from fedmutual.checkpoint import capture_attrs
+
+        return capture_attrs(self, {"ctx", *self.transient})
+
+    def load_state(self, tensors: dict[str, torch.Tensor], tree: dict[str, Any]) -> None:
+        """Restore what :meth:`state` captured, onto an instance freshly built from the same config."""
+        from fedmutual.checkpoint import restore_attrs
+
+        restore_attrs(self, tensors, tree, self.ctx.new_model)
 
     def sample(self, t: int) -> list[int]:
         """The participants of round t: by default a seeded fraction ``sample_fraction`` of the clients."""

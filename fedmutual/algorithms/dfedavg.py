@@ -4,7 +4,8 @@ Round t:
 1. participants S_t and an aggregator a are drawn from the seed and t (as in DFML);
 2. every participant trains its model locally on its own data (CE, or WSM-CE);
 3. every n in S_t other than a sends its model to a;
-4. a averages the models of S_t (weighted by samples, or uniformly) and sends the average back.
+4. a averages its model and those that reached it valid (weighted by samples, or uniformly, or with a
+   robust rule) and sends the average back; below ``faults.min_replies`` peers the round is skipped.
 Homogeneous models only.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedmutual.aggregation import weighted_mean
 from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.algorithms.dfml import draw_round
 from fedmutual.engine.cohort import Member
@@ -47,17 +47,21 @@ class DFedAvg(Algorithm):
                 job.ce = wsm(class_shares(ctx.clients[k].y, ctx.num_classes))
             jobs.append(job)
         results = ctx.train(jobs, t)
-        states, weights = [state_of(self.models[a])], [float(ctx.clients[a].n)]
-        for n in participants:
-            if n != a:
-                msg = ctx.send(client_name(n), client_name(a), state_of(self.models[n]), round=t, num_samples=ctx.clients[n].n)
-                states.append(msg.tensors)
-                weights.append(float(msg.meta["num_samples"]))
-        avg = weighted_mean(states, None if self.cfg.weighting == "uniform" else weights)
+        if not results[participants.index(a)].steps and a in ctx.events.crashed:  # the aggregator crashed
+            return {"aggregator": float(a), "train_loss": mean_loss(results)}
+        own = state_of(self.models[a])
+        peers = {n: state_of(self.models[n]) for n in participants if n != a}
+        arrived = ctx.gather(client_name(a), peers, like=own, round=t, num_samples=lambda n: ctx.clients[n].n) if peers else {}
+        if peers and not arrived:
+            return {"aggregator": float(a), "train_loss": mean_loss(results)}
+        states = [own] + [m.tensors for m in arrived.values()]
+        weights = [float(ctx.clients[a].n)] + [float(m.meta["num_samples"]) for m in arrived.values()]
+        avg = ctx.aggregate(states, None if self.cfg.weighting == "uniform" else weights)
         self.models[a].load_state_dict(avg)
-        for n in participants:
-            if n != a:
-                self.models[n].load_state_dict(ctx.send(client_name(a), client_name(n), avg, round=t).tensors)
+        for n in peers:
+            reply = ctx.send(client_name(a), client_name(n), avg, like=peers[n], round=t)
+            if reply is not None:
+                self.models[n].load_state_dict(reply.tensors)
         return {"aggregator": float(a), "train_loss": mean_loss(results)}
 
     def client_model(self, k: int) -> nn.Module:

@@ -4,10 +4,10 @@ Round t:
 1. every peer derives the same draw from the seed and t: participants S_t and an aggregator a in S_t;
 2. (optional) participants train locally on their own data first;
 3. every n in S_t other than a sends its model W_n to a, peer to peer;
-4. a trains all models of S_t together on its own data, each with
+4. a trains the models of S_t that reached it valid together on its own data, each with
        L_n = (1 - alpha_t)·WSM-CE(z_n, y) + alpha_t·mean_{j != n} KL(p_j || p_n)
    where WSM re-weights the softmax by a's class shares and alpha_t is cyclic;
-5. a sends each updated model back to its owner;
+5. a sends each updated model back to its owner (an owner keeps its model if the reply is lost);
 6. when alpha_t is at its peak, each owner copies its model to its peak model, the deployable one.
 Architectures may all differ: nothing is averaged.
 """
@@ -90,23 +90,30 @@ class DFML(Algorithm):
                 job.ce = self.ce_for(job.client)
             ctx.train(jobs, t)
         cohort: dict[int, nn.Module] = {a: self.models[a]}
-        for n in participants:
-            if n != a:
-                msg = ctx.send(client_name(n), client_name(a), state_of(self.models[n]), round=t, owner=n)
-                work = self.scratch.setdefault(n, ctx.new_model("scratch", n, name=ctx.client_model_name(n)))
-                work.load_state_dict(msg.tensors)
-                cohort[n] = work
+        peers = [n for n in participants if n != a]
+        arrived = ctx.gather(client_name(a), {n: state_of(self.models[n]) for n in peers}, round=t, owner=lambda n: n) if peers else {}
+        if peers and not arrived:  # fewer than faults.min_replies: the round is skipped
+            return {"alpha": self.alpha(t), "aggregator": float(a)}
+        for n, msg in arrived.items():
+            work = self.scratch.setdefault(n, ctx.new_model("scratch", n, name=ctx.client_model_name(n)))
+            work.load_state_dict(msg.tensors)
+            cohort[n] = work
         alpha = self.alpha(t)
         members = [Member(model, ctx.optimizer(model), w_ce=1 - alpha, w_kl=alpha) for model in cohort.values()]
         job = ctx.job(a, t, members)
         job.ce, job.temperature = self.ce_for(a), self.cfg.temperature
         (result,) = ctx.train([job], t)
+        if not result.steps:  # the aggregator crashed: nothing comes back
+            return {"alpha": alpha, "aggregator": float(a)}
+        updated = [a]
         for n, model in cohort.items():
             if n != a:
-                reply = ctx.send(client_name(a), client_name(n), state_of(model), round=t, owner=n)
-                self.models[n].load_state_dict(reply.tensors)
+                reply = ctx.send(client_name(a), client_name(n), state_of(model), like=state_of(self.models[n]), round=t, owner=n)
+                if reply is not None:
+                    self.models[n].load_state_dict(reply.tensors)
+                    updated.append(n)
         peak = is_peak(t, self.cfg.alpha_max, self.cfg.period, self.cfg.shape)
-        for n in cohort:
+        for n in updated:
             if peak or not self.has_trained[n]:
                 self.peak[n].load_state_dict(self.models[n].state_dict())
             self.has_trained[n] = True

@@ -7,7 +7,8 @@ Round t:
        L_local = alpha·CE(local) + (1 - alpha)·KL(p_meme || p_local)
        L_meme  = beta ·CE(meme)  + (1 - beta) ·KL(p_local || p_meme)
 3. client k uploads the meme; the personalized model never leaves the client;
-4. the server sets global_{t+1} to the unweighted mean of the memes.
+4. the server sets global_{t+1} to the unweighted mean of the memes that arrived valid
+   (or a robust rule, ``aggregation.rule``); below ``faults.min_replies`` it keeps global_t.
 With beta = 1 this is FedAvg with uniform weights.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedmutual.aggregation import weighted_mean
 from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.engine.cohort import Member
 
@@ -33,9 +33,9 @@ class FML(Algorithm):
     def round(self, t: int, participants: list[int]) -> dict[str, float]:
         ctx, cfg = self.ctx, self.ctx.cfg.fml
         alpha, beta = cfg.alpha.at(t, ctx.cfg.rounds), cfg.beta.at(t, ctx.cfg.rounds)
-        jobs = []
+        jobs, sent = [], state_of(self.global_)
         for k in participants:
-            msg = ctx.send("server", client_name(k), state_of(self.global_), round=t)
+            msg = ctx.send("server", client_name(k), sent, round=t)
             meme = self.memes.setdefault(k, ctx.new_model("global"))
             meme.load_state_dict(msg.tensors)
             members = [
@@ -46,9 +46,10 @@ class FML(Algorithm):
             job.temperature = cfg.temperature
             jobs.append(job)
         results = ctx.train(jobs, t)
-        replies = [ctx.send(client_name(k), "server", state_of(self.memes[k]), num_samples=ctx.clients[k].n) for k in participants]
-        weights = [float(r.meta["num_samples"]) for r in replies] if cfg.weighted else None
-        self.global_.load_state_dict(weighted_mean([r.tensors for r in replies], weights))
+        replies = ctx.gather("server", {k: state_of(self.memes[k]) for k in participants}, like=sent, num_samples=lambda k: ctx.clients[k].n)
+        if replies:
+            weights = [float(r.meta["num_samples"]) for r in replies.values()] if cfg.weighted else None
+            self.global_.load_state_dict(ctx.aggregate([r.tensors for r in replies.values()], weights))
         return {"train_loss_local": mean_loss(results, 0), "train_loss_meme": mean_loss(results, 1), "alpha": alpha, "beta": beta}
 
     def global_model(self) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -16,11 +17,14 @@ from tqdm import tqdm
 
 from fedmutual.algorithms import REGISTRY, Algorithm
 from fedmutual.algorithms.base import ClientData, Context, client_name
-from fedmutual.config import Config
+from fedmutual import checkpoint
+from fedmutual.checkpoint import CheckpointError
+from fedmutual.config import Config, validate
 from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
 from fedmutual.engine.cohort import accuracy, count_steps
 from fedmutual.engine.setup import configure_threads, resolve_device
-from fedmutual.errors import ConfigError, NonFiniteLossError
+from fedmutual.errors import ConfigError, DataError, NonFiniteLossError
+from fedmutual.faults import plan_round
 from fedmutual.report.metrics import MetricsWriter, summarize, write_json
 from fedmutual.report.plots import plot_run
 from fedmutual.report.tables import markdown_table, summary_rows
@@ -136,44 +140,82 @@ def _log(msg: str, quiet: bool) -> None:
 def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunResult:
     """Run one federated experiment end to end and write its run directory.
 
-    Metrics are appended after every round, so an interrupted or failed run
-    keeps everything it finished. A non-finite loss stops the run with
+    Metrics are appended after every round and a checkpoint is written every
+    ``checkpoint_every`` rounds, so an interrupted or failed run keeps everything
+    it finished and :func:`resume` continues it. A non-finite loss stops the run with
     :class:`NonFiniteLossError` after the summary is written with status "failed".
     ``data`` reuses data prepared for the same data fields and seed (as ``compare`` does).
+    Nothing is written when the configuration or the data is refused.
     """
+    return _execute(cfg, quiet, data, None)
+
+
+def resume(run_dir: str | Path, quiet: bool = False, data: Prepared | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its newest checkpoint that verifies.
+
+    The config is the run's own ``config.json``; metrics of rounds after the checkpoint are
+    dropped and recomputed, so the finished run's metrics equal an uninterrupted run's.
+    """
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.is_file():
+        raise CheckpointError(f"--resume {run_dir}: not a run directory (it has no config.json)")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"--resume {run_dir}: config.json is not valid JSON ({e})") from None
+    return _execute(validate(raw), quiet, data, run_dir)
+
+
+def _execute(cfg: Config, quiet: bool, data: Prepared | None, resume_dir: Path | None) -> RunResult:
     threads = configure_threads(cfg.threads)
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset
-    run_dir = _run_dir(cfg)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    (run_dir / "partition.json").write_text(json.dumps({
-        "train_sizes": [len(p) for p in data.parts], "val_sizes": [len(v) for v in data.val],
-        "label_counts": [np.bincount(data.train_y.numpy()[p], minlength=ds.num_classes).tolist() for p in data.parts],
-    }) + "\n")
-    _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
-         f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
-
     test_x, test_y = data.test_x.to(device), data.test_y.to(device)
     val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
     clients = [
         ClientData(data.train_x[p].to(device), data.train_y[p].to(device), val_x[v].to(device), val_y[v].to(device))
         for p, v in zip(data.parts, data.val)
     ]
-    ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device))
+    ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device), log=lambda m: _log(m, quiet))
     alg = REGISTRY[cfg.algorithm](ctx)
+    start, rows = 0, []
+    if resume_dir is None:
+        run_dir = _run_dir(cfg)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        (run_dir / "partition.json").write_text(json.dumps({
+            "train_sizes": [len(p) for p in data.parts], "val_sizes": [len(v) for v in data.val],
+            "label_counts": [np.bincount(data.train_y.numpy()[p], minlength=ds.num_classes).tolist() for p in data.parts],
+        }) + "\n")
+    else:
+        run_dir = resume_dir
+        start, rows = _restore(run_dir, cfg, alg, data, ctx.log)
+    _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
+         f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
+
     writer = MetricsWriter(run_dir / "metrics.jsonl")
+    writer.rows = rows
     show = cfg.progress and not quiet
-    rounds_bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", disable=not show, file=sys.stderr, position=0)
+    rounds_bar = tqdm(total=cfg.rounds, initial=start, desc="rounds", unit="round", disable=not show, file=sys.stderr, position=0)
     status = "completed"
     try:
-        for t in range(cfg.rounds):
-            participants = alg.sample(t)
+        for t in range(start, cfg.rounds):
+            sampled = alg.sample(t)
+            plan = plan_round(cfg, t, sampled)
+            ctx.begin_round(t, plan)
+            participants = [k for k in sampled if k not in plan.dropped]
+            if plan.dropped:
+                ctx.log(f"fedmutual: round {t + 1}: client(s) {', '.join(map(str, plan.dropped))} dropped out")
             steps = count_steps([ctx.job(k, t, []) for k in participants])
             step_bar = tqdm(total=steps, desc=f"round {t + 1}", unit="step", leave=False, disable=not show, file=sys.stderr, position=1)
             ctx.on_step = lambda: step_bar.update(1)
-            start = time.perf_counter()
-            stats = alg.round(t, participants)
+            start_time = time.perf_counter()
+            if participants:
+                stats = alg.round(t, participants)
+            else:
+                stats, ctx.events.skipped = {}, True
+                ctx.log(f"fedmutual: round {t + 1}: every sampled client dropped out; the round is skipped")
             step_bar.close()
             sent, received = ctx.transport.reset_counts()
             row: dict[str, Any] = {"round": t + 1, "participants": participants}
@@ -186,8 +228,11 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
             down = [received.get(client_name(k), 0) for k in range(cfg.clients)]
             row.update({"bytes_up": sum(up), "bytes_down": sum(down), "bytes_up_per_client": up, "bytes_down_per_client": down})
             row.update({k: float(v) for k, v in stats.items()})
-            row["seconds"] = time.perf_counter() - start
+            row["faults"] = ctx.events.as_row()
+            row["seconds"] = time.perf_counter() - start_time
             writer.write(row)
+            if cfg.checkpoint_every and ((t + 1) % cfg.checkpoint_every == 0 or last):
+                _save_checkpoint(run_dir, cfg, alg, data, writer.rows, t + 1)
             rounds_bar.set_postfix_str(_postfix(row))
             rounds_bar.update(1)
     except NonFiniteLossError:
@@ -203,10 +248,50 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
         if writer.rows:
             plot_run(writer.rows, run_dir / "accuracy.png", f"{cfg.algorithm} · {ds.name} · {cfg.partition} · {cfg.model_label}")
     if not quiet:
-        header, rows = summary_rows({cfg.algorithm: summary})
-        print(markdown_table(header, rows))
+        header, table = summary_rows({cfg.algorithm: summary})
+        print(markdown_table(header, table))
         print(f"run directory: {run_dir}")
     return RunResult(run_dir, writer.rows, summary)
+
+
+def _partition_json(data: Prepared) -> dict[str, list[list[int]]]:
+    return {"train": [p.tolist() for p in data.parts], "val": [v.tolist() for v in data.val]}
+
+
+def _save_checkpoint(run_dir: Path, cfg: Config, alg: Algorithm, data: Prepared, rows: list[dict[str, Any]], rounds_done: int) -> None:
+    alg_tensors, tree = alg.state()
+    rng_tensors, rng_json = checkpoint.rng_state()
+    checkpoint.write(run_dir / "checkpoints", rounds_done, {**alg_tensors, **rng_tensors}, {
+        "config": cfg.to_dict(), "algorithm": cfg.algorithm, "algorithm_state": tree, "rng": rng_json,
+        "metrics": rows, "partition": _partition_json(data), "next_round": rounds_done,
+    }, cfg.checkpoint_keep)
+
+
+def _restore(run_dir: Path, cfg: Config, alg: Algorithm, data: Prepared, log: Any) -> tuple[int, list[dict[str, Any]]]:
+    """Load the newest good checkpoint into ``alg`` and the RNGs; rewrite metrics.jsonl to match it."""
+    directory = run_dir / "checkpoints"
+    checkpoint.remove_partial(directory)
+    ck = checkpoint.latest(directory, log)
+    if ck is None:
+        log(f"fedmutual: {run_dir} has no checkpoint yet; starting again from round 1")
+        start, rows = 0, []
+    else:
+        if ck.data["config"] != cfg.to_dict():
+            changed = sorted(k for k in set(ck.data["config"]) | set(cfg.to_dict()) if ck.data["config"].get(k) != cfg.to_dict().get(k))
+            raise CheckpointError(f"{run_dir}/config.json differs from the config of checkpoint {ck.path.name} in: {', '.join(changed)}; "
+                                  "restore config.json or start a new run")
+        if ck.data["partition"] != _partition_json(data):
+            raise DataError(f"the dataset or its partition differs from the one checkpoint {ck.path} was trained on; "
+                            "resume with the same dataset files")
+        alg.load_state({k: v for k, v in ck.tensors.items() if k.startswith("alg/")}, ck.data["algorithm_state"])
+        checkpoint.set_rng_state(ck.tensors, ck.data["rng"])
+        start, rows = ck.rounds_done, ck.data["metrics"]
+        log(f"fedmutual: resuming {run_dir} after round {start} of {cfg.rounds} ({ck.path.name})")
+    metrics = run_dir / "metrics.jsonl"
+    tmp = metrics.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, metrics)
+    return start, rows
 
 
 def _postfix(row: dict[str, Any]) -> str:
