@@ -5,7 +5,7 @@ Round t:
 2. every participant trains its model locally on its own data (CE, or WSM-CE);
 3. every n in S_t other than a sends its model to a;
 4. a averages its model and those that reached it valid (weighted by samples, or uniformly, or with a
-   robust rule) and sends the average back; below ``faults.min_replies`` peers the round is skipped.
+   robust rule) and sends the average back to them; below ``faults.min_replies`` peers the round is skipped.
 Homogeneous models only.
 """
 
@@ -58,7 +58,7 @@ class DFedAvg(Algorithm):
         weights = [float(ctx.clients[a].n)] + [float(m.meta["num_samples"]) for m in arrived.values()]
         avg = ctx.aggregate(states, None if self.cfg.weighting == "uniform" else weights)
         self.models[a].load_state_dict(avg)
-        for n in peers:
+        for n in arrived:  # a peer whose model did not arrive gets nothing back and keeps its own
             reply = ctx.send(client_name(a), client_name(n), avg, like=peers[n], round=t)
             if reply is not None:
                 self.models[n].load_state_dict(reply.tensors)

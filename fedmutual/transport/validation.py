@@ -65,7 +65,8 @@ def check(msg: Message, like: Mapping[str, torch.Tensor] | None) -> None:
                 raise MessageRejected(f"tensor {key!r} has shape {list(got.shape)}, expected {list(ref.shape)}")
             if got.dtype != ref.dtype:
                 raise MessageRejected(f"tensor {key!r} has dtype {_dt(got.dtype)}, expected {_dt(ref.dtype)}")
-    for key, t in msg.tensors.items():
+    for key in (like if like is not None else msg.tensors):
+        t = msg.tensors[key]
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             bad = int((~torch.isfinite(t)).sum())
             raise MessageRejected(f"tensor {key!r} has {bad} non-finite values (NaN or Inf)")
