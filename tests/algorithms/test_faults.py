@@ -118,3 +118,22 @@ def test_dfedavg_averages_the_peers_that_arrived(make_ctx):
     for n in parts:
         if n not in (crashed, a):
             assert torch.equal(state_of(alg.models[n])["1.weight"], avg["1.weight"])
+
+
+def test_shared_predictions_gathered_and_reduced_robustly(make_ctx):
+    """The path a prediction-sharing method (DML-FL) takes: gather probabilities, combine them with the configured rule."""
+    ctx = make_ctx(sizes=(10, 10, 10, 10, 10), attack={"kind": "constant_label", "clients": [4], "label": 3},
+                   aggregation={"rule": "median"})
+    ctx.begin_round(0, RoundPlan())
+    g = torch.Generator().manual_seed(1)
+    honest = {k: torch.softmax(torch.randn(6, 4, generator=g), -1) for k in range(5)}
+    like = {"probs": torch.empty(6, 4)}
+    got = ctx.gather("client0", {k: {"probs": p} for k, p in honest.items()}, like=like, content="probabilities")
+    assert sorted(got) == [0, 1, 2, 3, 4]
+    assert torch.equal(got[4].tensors["probs"], torch.nn.functional.one_hot(torch.full((6,), 3), 4).float())
+    stacked = torch.stack([got[k].tensors["probs"] for k in sorted(got)])
+    assert torch.equal(ctx.reduce(stacked), median(stacked))
+    # a reply of the wrong shape is refused, naming the client
+    bad = ctx.gather("client0", {1: {"probs": torch.ones(5, 4) / 4}}, like=like, content="probabilities")
+    assert bad == {} and ctx.events.rejected[-1] == {"client": 1, "reason": "tensor 'probs' has shape [5, 4], expected [6, 4]"}
+    assert ctx.events.skipped  # 0 valid replies < min_replies = 1
