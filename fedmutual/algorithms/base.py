@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedmutual.config import Config
+from fedmutual.data.tasks import Task
 from fedmutual.errors import ConfigError
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
 from fedmutual.models import build_model
@@ -19,12 +20,18 @@ from fedmutual.transport import InProcessTransport, Message
 
 @dataclass
 class ClientData:
-    """One client's private data, already on the run's device."""
+    """One client's private data, already on the run's device, with labels under the client's task.
+
+    ``test_x``/``test_y`` are the shared test set under this client's task (None: not evaluated on it).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    task: Task | None = None
 
     @property
     def n(self) -> int:
@@ -42,6 +49,12 @@ class Context:
     device: torch.device
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
+    task: Task | None = None  # the run's task; None: the dataset's own classes
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the run's models: one per class, or 1 for a binary task."""
+        return self.task.num_outputs if self.task is not None else self.num_classes
 
     def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
@@ -50,7 +63,7 @@ class Context:
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_classes)
+            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_outputs)
         return model.to(self.device)
 
     def client_model_name(self, k: int) -> str:
