@@ -12,6 +12,7 @@ from torch import nn
 
 from fedmutual import aggregation
 from fedmutual.config import Config
+from fedmutual.data.tasks import Task
 from fedmutual.errors import ConfigError, FedmutualError
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd, train_job
 from fedmutual.faults import RoundEvents, RoundPlan, attackers, corrupt
@@ -22,12 +23,18 @@ from fedmutual.transport import InProcessTransport, Message, MessageRejected
 
 @dataclass
 class ClientData:
-    """One client's private data, already on the run's device."""
+    """One client's private data, already on the run's device, with labels under the client's task.
+
+    ``test_x``/``test_y`` are the shared test set under this client's task (None: not evaluated on it).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    task: Task | None = None
 
     @property
     def n(self) -> int:
@@ -45,6 +52,7 @@ class Context:
     device: torch.device
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
+    task: Task | None = None  # the run's task; None: the dataset's own classes
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
     round: int = 0
     plan: RoundPlan = field(default_factory=RoundPlan)
@@ -53,8 +61,8 @@ class Context:
 
     def __post_init__(self) -> None:
         a = self.cfg.attack
-        if a.kind == "constant_label" and a.label >= self.num_classes:
-            raise ConfigError(f"attack.label: {a.label}, but the dataset has {self.num_classes} classes (labels 0..{self.num_classes - 1})")
+        if a.kind == "constant_label" and a.label >= self.num_outputs:
+            raise ConfigError(f"attack.label: {a.label}, but the models have {self.num_outputs} outputs (labels 0..{self.num_outputs - 1})")
         self.hostile = attackers(self.cfg)
         self.transport.max_bytes = int(self.cfg.max_message_mb * 2**20)
 
@@ -62,6 +70,11 @@ class Context:
         """Start round t with its drawn faults (the runner calls this before ``Algorithm.round``)."""
         self.round, self.plan = t, plan
         self.events = RoundEvents(dropped=list(plan.dropped))
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the run's models: one per class, or 1 for a binary task."""
+        return self.task.num_outputs if self.task is not None else self.num_classes
 
     def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
@@ -71,7 +84,7 @@ class Context:
         name = name or self.shared_model_name()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name, self.input_shape, self.num_classes)
+            model = build_model(name, self.input_shape, self.num_outputs)
         model.fedmutual_init = (*stream, name)  # lets a checkpoint rebuild a model created on demand (fedmutual.checkpoint)
         return model.to(self.device)
 

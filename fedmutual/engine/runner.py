@@ -21,7 +21,9 @@ from fedmutual import checkpoint
 from fedmutual.checkpoint import CheckpointError
 from fedmutual.config import Config, validate
 from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
+from fedmutual.data.tasks import parse_task
 from fedmutual.engine.cohort import accuracy, count_steps
+from fedmutual.engine.evaluation import shared_accuracies
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import ConfigError, DataError, NonFiniteLossError
 from fedmutual.faults import plan_round
@@ -111,23 +113,35 @@ def sample_participants(cfg: Config, t: int) -> list[int]:
 def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, Any]:
     """global_acc, and each client's deployable model on the test set and on its validation split."""
     bs = ctx.cfg.eval_batch_size
-    cache: dict[int, float] = {}  # test accuracy per model object, so a shared model is evaluated once
+
+    def shared(d: ClientData) -> bool:  # the client is tested on the run's test set under the run's task
+        return d.test_y is None or d.test_y is test_y
+
+    extras = alg.extra_models()
+    on_test = [alg.global_model()] + [alg.client_model(k) for k, d in enumerate(ctx.clients) if shared(d)]
+    on_test += [m for extra in extras.values() for m, d in zip(extra, ctx.clients) if shared(d)]
+    on_test = [m for m in on_test if m is not None]
+    # test accuracy per model object: every model on the shared test set in one call (stacked where it pays)
+    cache = dict(zip(map(id, on_test), shared_accuracies(on_test, test_x, test_y, bs, ctx.cfg.engine)))
 
     def test_acc(model: torch.nn.Module) -> float:
         if id(model) not in cache:
             cache[id(model)] = accuracy(model, test_x, test_y, bs)
         return cache[id(model)]
 
+    def client_test_acc(model: torch.nn.Module, d: ClientData) -> float:
+        return test_acc(model) if shared(d) else accuracy(model, d.test_x, d.test_y, bs)
+
     g = alg.global_model()
     out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
     models = [alg.client_model(k) for k in range(len(ctx.clients))]
-    out["client_acc_global_test"] = [test_acc(m) for m in models]
+    out["client_acc_global_test"] = [client_test_acc(m, d) for m, d in zip(models, ctx.clients)]
     out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) if d.val_y.numel() else None for m, d in zip(models, ctx.clients)]
     out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
     vals = [v for v in out["personal_acc"] if v is not None]
     out["personal_acc_mean"] = float(np.mean(vals)) if vals else None
-    for name, extra in alg.extra_models().items():
-        accs = [test_acc(m) for m in extra]
+    for name, extra in extras.items():
+        accs = [client_test_acc(m, d) for m, d in zip(extra, ctx.clients)]
         out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, float(np.mean(accs))
     return out
 
@@ -172,13 +186,16 @@ def _execute(cfg: Config, quiet: bool, data: Prepared | None, resume_dir: Path |
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
+    task = parse_task(cfg.task, ds.num_classes)
+    test_x, test_y = data.test_x.to(device), task.apply(data.test_y).to(device)
+    train_y = task.apply(data.train_y)
+    val_x, val_y = (data.train_x, train_y) if data.val_on_train else (data.test_x, task.apply(data.test_y))
     clients = [
-        ClientData(data.train_x[p].to(device), data.train_y[p].to(device), val_x[v].to(device), val_y[v].to(device))
+        ClientData(data.train_x[p].to(device), train_y[p].to(device), val_x[v].to(device), val_y[v].to(device), test_x, test_y, task)
         for p, v in zip(data.parts, data.val)
     ]
-    ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device), log=lambda m: _log(m, quiet))
+    ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task,
+                  log=lambda m: _log(m, quiet))
     alg = REGISTRY[cfg.algorithm](ctx)
     start, rows = 0, []
     if resume_dir is None:
