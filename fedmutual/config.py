@@ -83,6 +83,12 @@ class AttackConfig(_Strict):
     scale: float = Field(default=1.0, ge=0)  # sign_flip: ref - scale·(x - ref); noise: standard deviation
     label: int = Field(default=0, ge=0)  # constant_label: the label every prediction claims
 
+    @field_validator("kind", mode="before")
+    @classmethod
+    def _nan_word(cls, v: object) -> object:
+        # `--set attack.kind=nan` reads as the TOML float nan; the user meant the attack
+        return "nan" if isinstance(v, float) and v != v else v
+
 
 class AggregationConfig(_Strict):
     """How replies are combined: the mean, or a robust rule that ignores extreme values per coordinate."""

@@ -53,3 +53,10 @@ def test_set_syntax_errors():
         apply_override({}, "rounds")
     with pytest.raises(ConfigError, match="does not exist"):
         build_config("/nonexistent/x.toml")
+
+
+def test_attack_kind_nan_needs_no_quotes():
+    from fedmutual.config import build_config
+
+    assert build_config(sets=["attack.kind=nan"]).attack.kind == "nan"
+    assert build_config(sets=["attack.kind='sign_flip'"]).attack.kind == "sign_flip"
