@@ -12,9 +12,10 @@ Attackers (``attack.clients`` and a seeded draw of ``attack.count``) corrupt eve
 
 - ``sign_flip``: ``ref - scale·(x - ref)``, with ``ref`` what the receiver expects the reply to resemble
   (the model it sent; zero when there is none): the update pushed the other way;
-- ``noise``: weights ``x + scale·N(0, 1)``; probabilities: rows drawn uniformly from the simplex;
-  logits ``scale·N(0, 1)``;
+- ``noise``: weights ``x + scale·N(0, 1)``; probabilities: rows drawn uniformly from the simplex
+  (binary predictions, one column: U(0, 1)); logits ``scale·N(0, 1)``;
 - ``constant_label``: predictions claiming ``label`` for every sample (weights are left alone);
+  binary predictions (one column, P(positive)) are 1 for label 1 and 0 for label 0;
 - ``nan``: every floating tensor full of NaN (a broken client).
 
 Because every draw depends only on (seed, round, client), a resumed run sees the same faults.
@@ -106,12 +107,16 @@ def corrupt(cfg: Config, tensors: Mapping[str, torch.Tensor], ref: Mapping[str, 
                 y = x64 + a.scale * torch.randn(x.shape, generator=g, dtype=torch.float64)
             elif content == "logits":
                 y = a.scale * torch.randn(x.shape, generator=g, dtype=torch.float64)
+            elif x.shape[-1] == 1:  # binary: one probability of the positive class per sample
+                y = torch.rand(x.shape, generator=g, dtype=torch.float64)
             else:  # uniform on the simplex: normalized exponentials
                 e = -torch.rand(x.shape, generator=g, dtype=torch.float64).clamp_min(1e-12).log()
                 y = e / e.sum(-1, keepdim=True)
         else:  # constant_label
             if content == "weights":
                 y = x64
+            elif x.shape[-1] == 1:  # binary: P(positive) is 1 for label 1, 0 for label 0
+                y = torch.full_like(x64, float(a.label == 1)) if content == "probabilities" else torch.full_like(x64, 20.0 if a.label == 1 else -20.0)
             else:
                 hot = torch.nn.functional.one_hot(torch.full(x.shape[:-1], a.label), x.shape[-1]).to(torch.float64)
                 y = hot if content == "probabilities" else 20.0 * hot  # logits: softmax puts ~1 on the label

@@ -126,7 +126,7 @@ def test_refusals_found_after_loading_write_nothing(tmp_path, capsys):
     assert "model: fedavg averages weights, so every client needs the same architecture" in err
     err = refused(capsys, tmp_path, "--dataset", "idx", "--data-dir", str(d), "--clients", "2", "--partition", "iid",
                   "--model", "mlp", "--set", "attack.kind=constant_label", "--set", "attack.label=10")
-    assert "attack.label: 10, but the models have 10 outputs (labels 0..9)" in err
+    assert "attack.label: 10, but the task has 10 classes (labels 0..9)" in err
 
 
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):

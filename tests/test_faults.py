@@ -75,3 +75,15 @@ def test_prediction_attacks():
     assert all(math.isnan(v) for v in nan.tolist())
     with pytest.raises(ValueError, match="unknown message content 'labels'"):
         corrupt(Config(attack={"kind": "nan"}), w, None, "labels", 0, 0, "x")
+
+
+def test_binary_prediction_attacks():
+    p = {"p": torch.tensor([[0.9], [0.2], [0.6]])}  # one sigmoid output per sample
+    one = corrupt(Config(attack={"kind": "constant_label", "label": 1}), p, None, "probabilities", 0, 0, "x")["p"]
+    assert one.tolist() == [[1.0], [1.0], [1.0]]
+    zero = corrupt(Config(attack={"kind": "constant_label", "label": 0}), p, None, "probabilities", 0, 0, "x")["p"]
+    assert zero.tolist() == [[0.0], [0.0], [0.0]]
+    logit = corrupt(Config(attack={"kind": "constant_label", "label": 1}), p, None, "logits", 0, 0, "x")["p"]
+    assert logit.sigmoid().min() > 0.999
+    rand = corrupt(Config(attack={"kind": "noise"}), p, None, "probabilities", 0, 0, "x")["p"]
+    assert rand.shape == (3, 1) and bool(((rand >= 0) & (rand <= 1)).all()) and not torch.equal(rand, p["p"])

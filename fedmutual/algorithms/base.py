@@ -61,8 +61,8 @@ class Context:
 
     def __post_init__(self) -> None:
         a = self.cfg.attack
-        if a.kind == "constant_label" and a.label >= self.num_outputs:
-            raise ConfigError(f"attack.label: {a.label}, but the models have {self.num_outputs} outputs (labels 0..{self.num_outputs - 1})")
+        if a.kind == "constant_label" and a.label >= self.num_classes:
+            raise ConfigError(f"attack.label: {a.label}, but the task has {self.num_classes} classes (labels 0..{self.num_classes - 1})")
         self.hostile = attackers(self.cfg)
         self.transport.max_bytes = int(self.cfg.max_message_mb * 2**20)
 
