@@ -208,6 +208,8 @@ def _execute(cfg: Config, quiet: bool, data: Prepared | None, resume_dir: Path |
     else:
         run_dir = resume_dir
         start, rows = _restore(run_dir, cfg, alg, data, ctx.log)
+        if start:  # messages sent while building the algorithm (a common initialization) count in round 1 only
+            ctx.transport.reset_counts()
     _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
          f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
 
