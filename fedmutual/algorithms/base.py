@@ -12,7 +12,7 @@ from torch import nn
 from fedmutual.config import Config
 from fedmutual.errors import ConfigError
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
-from fedmutual.models import build_model
+from fedmutual.models import adaptor_head, build_encoder, build_model, parse_model_spec
 from fedmutual.seeding import derive_seed
 from fedmutual.transport import InProcessTransport, Message
 
@@ -43,15 +43,47 @@ class Context:
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
 
-    def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
+    def new_model(self, *stream: object, name: str | None = None, outputs: int | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
 
-        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`).
+        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`),
+        ``outputs`` to the run's number of classes.
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_classes)
+            model = build_model(name or self.shared_model_name(), self.input_shape, outputs or self.num_classes)
         return model.to(self.device)
+
+    def client_outputs(self, k: int) -> int:
+        """The number of outputs of client k's models: one per class of its task."""
+        return self.num_classes
+
+    def one_task(self, what: str) -> None:
+        """Refuse clients with different tasks where ``what`` (e.g. one global model) must serve them all."""
+        return None
+
+    def new_client_model(self, k: int, *stream: object) -> nn.Module:
+        """Client k's own architecture (``model``), with an output per class of client k's task."""
+        return self.new_model(*stream, name=self.client_model_name(k), outputs=self.client_outputs(k))
+
+    def new_encoder(self, *stream: object) -> nn.Sequential:
+        """The partial global model (``global_model = "name:part"``), freshly initialized from ``stream``."""
+        name, part = self.global_model_spec()
+        if part is None:
+            raise ConfigError(f"global_model: {self.cfg.global_model!r} is a whole model, not a part such as {name}:encoder")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            encoder, _ = build_encoder(name, part, self.input_shape)
+        return encoder.to(self.device)
+
+    def new_head(self, k: int, *stream: object) -> nn.Module:
+        """Client k's adaptor head on the partial global model, sized for client k's task."""
+        name, part = self.global_model_spec()
+        with torch.random.fork_rng(devices=[]):
+            _, width = build_encoder(name, part or "encoder", self.input_shape)
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            head = adaptor_head(width, self.client_outputs(k), self.cfg.fml.adaptor_hidden)
+        return head.to(self.device)
 
     def client_model_name(self, k: int) -> str:
         """Client k's own architecture (``model`` may list several, assigned round-robin)."""
@@ -63,9 +95,25 @@ class Context:
         if len(set(names)) > 1:
             raise ConfigError(
                 f"model: {self.cfg.algorithm} averages weights, so every client needs the same architecture; "
-                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (dfml, local)."
+                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (fml with global_model, dfml, local)."
             )
         return names[0]
+
+    def global_model_spec(self) -> tuple[str, str | None]:
+        """FML's global model: its architecture and named part (None = the whole model).
+
+        ``global_model`` when set, else the clients' model when they all share one.
+        """
+        if self.cfg.global_model is not None:
+            return parse_model_spec(self.cfg.global_model)
+        names = self.cfg.model_names()
+        if len(set(names)) > 1:
+            raise ConfigError(
+                f"global_model: {self.cfg.algorithm} needs a global model, and the clients' models differ "
+                f"({', '.join(sorted(set(names)))}); set global_model (e.g. --global-model lenet5 or cnn2:encoder), "
+                f"use one model name, or an algorithm without a global model (dfml, local, independent)."
+            )
+        return names[0], None
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return sgd(model, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
