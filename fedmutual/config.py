@@ -80,6 +80,7 @@ class Config(_Strict):
     data_dir: str | None = None
     download: bool = False
     partition: str = "shards:2"
+    task: str | list[str] = "classes"  # what clients learn: classes, binary:C1,C2,..., groups:A,B|C|... (data/tasks.py); a list: per client, round-robin
     clients: int = Field(default=5, ge=1)
     model: str | list[str] = "lenet5"  # one name, "a,b,c" (round-robin over clients) or a list, one per client
     global_model: str | None = None  # the global (and meme) architecture, "name" or "name:part"; default: the clients' model
@@ -122,6 +123,21 @@ class Config(_Strict):
             raise ValueError(str(e)) from None
         return v
 
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str | list[str]) -> str | list[str]:
+        from fedmutual.data.tasks import parse_task
+
+        try:
+            if isinstance(v, list):
+                if not v:
+                    raise ConfigError("an empty list; give one task, or one per client")
+                specs = [parse_task(t).spec for t in v]
+                return specs[0] if len(specs) == 1 else specs
+            return parse_task(v).spec
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | list[str]) -> str | list[str]:
@@ -150,6 +166,11 @@ class Config(_Strict):
         """The architecture of each client's model: a list given per client, or names assigned round-robin."""
         names = [self.model] if isinstance(self.model, str) else list(self.model)
         return [names[k % len(names)] for k in range(self.clients)]
+
+    def task_specs(self) -> list[str]:
+        """Each client's task spec: one for everyone, or a list assigned round-robin (one per client)."""
+        specs = [self.task] if isinstance(self.task, str) else list(self.task)
+        return [specs[k % len(specs)] for k in range(self.clients)]
 
     @property
     def model_label(self) -> str:

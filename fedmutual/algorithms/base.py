@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from fedmutual.config import Config
+from fedmutual.data.tasks import Task
 from fedmutual.errors import ConfigError
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
 from fedmutual.models import adaptor_head, build_encoder, build_model, parse_model_spec
@@ -19,12 +20,18 @@ from fedmutual.transport import InProcessTransport, Message
 
 @dataclass
 class ClientData:
-    """One client's private data, already on the run's device."""
+    """One client's private data, already on the run's device, with labels under the client's task.
+
+    ``test_x``/``test_y`` are the shared test set under this client's task (None: not evaluated on it).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    task: Task | None = None
 
     @property
     def n(self) -> int:
@@ -42,25 +49,41 @@ class Context:
     device: torch.device
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
+    task: Task | None = None  # the run's task; None: the dataset's own classes
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the run's models: one per class, or 1 for a binary task."""
+        return self.task.num_outputs if self.task is not None else self.num_classes
 
     def new_model(self, *stream: object, name: str | None = None, outputs: int | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
 
         ``name`` defaults to the shared architecture (see :meth:`shared_model_name`),
-        ``outputs`` to the run's number of classes.
+        ``outputs`` to the run's task's (:attr:`num_outputs`).
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.shared_model_name(), self.input_shape, outputs or self.num_classes)
+            model = build_model(name or self.shared_model_name(), self.input_shape, outputs or self.num_outputs)
         return model.to(self.device)
 
+    def client_task(self, k: int) -> Task | None:
+        """Client k's task (``task`` may list one per client); None: the dataset's own classes."""
+        return self.clients[k].task or self.task
+
     def client_outputs(self, k: int) -> int:
-        """The number of outputs of client k's models: one per class of its task."""
-        return self.num_classes
+        """The number of outputs of client k's models: those of its task."""
+        task = self.client_task(k)
+        return task.num_outputs if task is not None else self.num_outputs
 
     def one_task(self, what: str) -> None:
-        """Refuse clients with different tasks where ``what`` (e.g. one global model) must serve them all."""
-        return None
+        """Refuse clients with different tasks where ``what`` (e.g. one whole global model) must serve them all."""
+        specs = sorted({t.spec for t in (self.client_task(k) for k in range(len(self.clients))) if t is not None})
+        if len(specs) > 1:
+            raise ConfigError(
+                f"task: the clients' tasks differ ({'; '.join(specs)}), and {self.cfg.algorithm} has {what} for all of them; "
+                f"give FML a partial global model (e.g. global_model = \"cnn2:encoder\"), whose adaptor heads are per client"
+            )
 
     def new_client_model(self, k: int, *stream: object) -> nn.Module:
         """Client k's own architecture (``model``), with an output per class of client k's task."""
@@ -161,6 +184,8 @@ class Algorithm(ABC):
     """
 
     name = "base"
+    #: whether clients may hold different tasks (``task`` as a list); the runner refuses it otherwise
+    client_tasks = False
 
     def __init__(self, ctx: Context):
         self.ctx = ctx

@@ -29,6 +29,7 @@ from fedmutual.models import with_head
 
 class FML(Algorithm):
     name = "fml"
+    client_tasks = True
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

@@ -18,6 +18,7 @@ from fedmutual.engine.cohort import Member
 
 class Local(Algorithm):
     name = "local"
+    client_tasks = True
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)

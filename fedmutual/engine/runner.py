@@ -18,6 +18,7 @@ from fedmutual.algorithms import REGISTRY, Algorithm
 from fedmutual.algorithms.base import ClientData, Context, client_name
 from fedmutual.config import Config
 from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
+from fedmutual.data.tasks import Task, parse_task
 from fedmutual.engine.cohort import accuracy, count_steps
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import ConfigError, NonFiniteLossError
@@ -85,6 +86,18 @@ def holdout_splits(parts: list[np.ndarray], fraction: float, seed: int) -> tuple
     return train, val
 
 
+def client_tasks(cfg: Config, dataset_classes: int) -> list[Task]:
+    """Each client's task, checked against the dataset; refused where the algorithm serves one task only."""
+    tasks = [parse_task(spec, dataset_classes) for spec in cfg.task_specs()]
+    if len(set(tasks)) > 1 and not REGISTRY[cfg.algorithm].client_tasks:
+        allowed = ", ".join(sorted(a for a, cls in REGISTRY.items() if cls.client_tasks))
+        raise ConfigError(
+            f"task: {cfg.algorithm} trains one model for every client, so the clients need one task; "
+            f"got {'; '.join(sorted({t.spec for t in tasks}))}. Per-client tasks work with {allowed}."
+        )
+    return tasks
+
+
 def _run_dir(cfg: Config) -> Path:
     base = Path(cfg.out)
     name = cfg.name or f"{cfg.algorithm}-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -114,16 +127,21 @@ def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.T
             cache[id(model)] = accuracy(model, test_x, test_y, bs)
         return cache[id(model)]
 
+    def client_test_acc(model: torch.nn.Module, d: ClientData) -> float:
+        if d.test_y is None or d.test_y is test_y:
+            return test_acc(model)
+        return accuracy(model, d.test_x, d.test_y, bs)
+
     g = alg.global_model()
     out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
     models = [alg.client_model(k) for k in range(len(ctx.clients))]
-    out["client_acc_global_test"] = [test_acc(m) for m in models]
+    out["client_acc_global_test"] = [client_test_acc(m, d) for m, d in zip(models, ctx.clients)]
     out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) if d.val_y.numel() else None for m, d in zip(models, ctx.clients)]
     out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
     vals = [v for v in out["personal_acc"] if v is not None]
     out["personal_acc_mean"] = float(np.mean(vals)) if vals else None
     for name, extra in alg.extra_models().items():
-        accs = [test_acc(m) for m in extra]
+        accs = [client_test_acc(m, d) for m, d in zip(extra, ctx.clients)]
         out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, float(np.mean(accs))
     return out
 
@@ -145,6 +163,7 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset
+    tasks = client_tasks(cfg, ds.num_classes)
     run_dir = _run_dir(cfg)
     write_json(run_dir / "config.json", cfg.to_dict())
     (run_dir / "partition.json").write_text(json.dumps({
@@ -154,13 +173,20 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
          f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
 
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
+    # the run's task when every client holds the same one; with per-client tasks, the dataset's own classes
+    task = tasks[0] if len(set(tasks)) == 1 else parse_task("classes", ds.num_classes)
+    test_x = data.test_x.to(device)
+    test_y_of = {task: task.apply(data.test_y).to(device)}  # the test labels under each task, made once per task
+    for t in tasks:
+        test_y_of.setdefault(t, t.apply(data.test_y).to(device))
+    test_y = test_y_of[task]
     val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
     clients = [
-        ClientData(data.train_x[p].to(device), data.train_y[p].to(device), val_x[v].to(device), val_y[v].to(device))
-        for p, v in zip(data.parts, data.val)
+        ClientData(data.train_x[p].to(device), t.apply(data.train_y[p]).to(device), val_x[v].to(device),
+                   t.apply(val_y[v]).to(device), test_x, test_y_of[t], t)
+        for p, v, t in zip(data.parts, data.val, tasks)
     ]
-    ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device))
+    ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task)
     alg = REGISTRY[cfg.algorithm](ctx)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     show = cfg.progress and not quiet
