@@ -55,7 +55,10 @@ def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False) -> Comp
 
 def client_labels(cfg: Config) -> list[str]:
     """A short name per client: its index, personalized architecture and, where clients differ, task."""
-    return [f"{k}: {name}" for k, name in enumerate(cfg.model_names())]
+    tasks = cfg.task_specs()
+    if len(set(tasks)) == 1:
+        return [f"{k}: {name}" for k, name in enumerate(cfg.model_names())]
+    return [f"{k}: {name}, {task}" for k, (name, task) in enumerate(zip(cfg.model_names(), tasks))]
 
 
 def per_client_report(cfg: Config, fml: list, baseline: list, out_dir: Path, title: str) -> str:

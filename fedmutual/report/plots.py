@@ -15,6 +15,7 @@ CURVES = (
     ("global_acc", "global model, test set"),
     ("client_acc_global_test_mean", "client models, test set (mean)"),
     ("current_acc_global_test_mean", "current client models, test set (mean)"),
+    ("meme_acc_global_test_mean", "global encoder + each client's head, own task's test set (mean)"),
     ("personal_acc_mean", "client models, own validation (mean)"),
 )
 

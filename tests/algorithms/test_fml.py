@@ -180,3 +180,99 @@ def test_mutual_step_between_different_architectures_has_the_hand_computed_gradi
     loss_l = alpha * -math.log(p_l[0]) + (1 - alpha) * kl(p_m, p_l)
     loss_m = beta * -math.log(p_m[0]) + (1 - beta) * kl(p_l, p_m)
     assert result.loss == pytest.approx([loss_l, loss_m], abs=1e-6)
+
+
+# --- objective heterogeneity (OH): a shared encoder, per-client adaptor heads and tasks -------------
+
+OH = dict(algorithm="fml", model="lenet5,cnn1", global_model="lenet5:features")
+
+
+def _oh_ctx(make_ctx, **kw):
+    """Two clients on the same 4-class data: client 0 learns the 4 classes, client 1 two groups of them."""
+    from fedmutual.data.tasks import parse_task
+
+    ctx = make_ctx(sizes=(40, 28), shape=(1, 12, 12), **{**OH, **kw})
+    for d, spec in zip(ctx.clients, ("classes", "groups:0,3|1,2")):
+        d.task = parse_task(spec, 4)
+        d.y, d.val_y = d.task.apply(d.y), d.task.apply(d.val_y)
+    return ctx
+
+
+def test_oh_only_the_encoder_travels_and_heads_and_personalized_models_stay(make_ctx):
+    ctx = _oh_ctx(make_ctx)
+    fml = FML(ctx)
+    assert fml.global_model() is None  # an encoder has no task of its own
+    heads = [fml.memes[k].head for k in range(2)]
+    assert [h.out_features for h in heads] == [4, 2] and [_linear_sizes(m)[-1][1] for m in fml.local] == [4, 2]
+    before = [h.weight.detach().clone() for h in heads]
+    for t in range(2):
+        fml.round(t, [0, 1])
+    encoder = {k: v.shape for k, v in state_of(fml.global_).items()}
+    assert set(encoder) == {"0.weight", "0.bias", "3.weight", "3.bias"}  # LeNet5's two convs
+    assert len(ctx.transport.messages) == 8
+    private = [state_of(m) for m in fml.local] + [state_of(h) for h in heads]
+    for src, dst, msg in ctx.transport.messages:
+        assert {k: v.shape for k, v in msg.tensors.items()} == encoder, (src, dst)
+        for state in private:  # no personalized or head tensor, under any name
+            assert not any(v.shape == w.shape and torch.equal(v, w) for v in msg.tensors.values() for w in state.values())
+    sent, _ = ctx.transport.reset_counts()
+    payload = sum(v.numel() * 4 for v in state_of(fml.global_).values())
+    assert all(payload < sent[f"client{k}"] / 2 < payload + 1024 for k in range(2))  # two uploads of the encoder only
+    # heads trained and persisted across rounds; the global encoder is the mean of the memes' encoders
+    assert all(not torch.equal(b, h.weight) for b, h in zip(before, heads))
+    for key, v in state_of(fml.global_).items():
+        mean = (state_of(fml.memes[0].encoder)[key] + state_of(fml.memes[1].encoder)[key]) / 2
+        assert torch.allclose(v, mean, atol=1e-6)
+    # what is evaluated in place of a global model: the global encoder with each client's own head
+    memes = fml.extra_models()["meme"]
+    x = ctx.clients[0].x[:3]
+    assert [m(x).shape[-1] for m in memes] == [4, 2]
+    assert torch.equal(memes[1](x), fml.memes[1].head(fml.global_(x)))
+
+
+def test_oh_adaptor_heads_can_have_hidden_layers(make_ctx):
+    fml = FML(_oh_ctx(make_ctx, fml=FMLConfig(adaptor_hidden=[16])))
+    assert [_linear_sizes(fml.memes[k].head) for k in range(2)] == [[(16, 16), (16, 4)], [(16, 16), (16, 2)]]  # 16 features on 12x12 inputs
+    fml.round(0, [0, 1])
+
+
+def test_oh_runs_the_same_on_either_engine(make_ctx):
+    runs = {}
+    for engine in ("loop", "stacked"):
+        fml = FML(_oh_ctx(make_ctx, engine=engine))
+        for t in range(2):
+            fml.round(t, [0, 1])
+        runs[engine] = fml
+    a, b = runs["loop"], runs["stacked"]
+    assert torch.allclose(_params(a.global_), _params(b.global_), atol=1e-5)
+    for k in range(2):
+        assert torch.allclose(_params(a.memes[k].head), _params(b.memes[k].head), atol=1e-5)
+        assert torch.allclose(_params(a.local[k]), _params(b.local[k]), atol=1e-5)
+
+
+def test_clients_on_different_tasks_need_a_partial_global_model(make_ctx):
+    with pytest.raises(ConfigError, match="task: the clients' tasks differ .* give FML a partial global model"):
+        FML(_oh_ctx(make_ctx, global_model="lenet5"))
+
+
+def test_two_clients_on_different_tasks_end_to_end_on_real_fashion_mnist(tmp_path):
+    """Client 0 learns the 10 classes, client 1 upper-body clothing (T-shirt, pullover, coat, shirt)
+    against the rest, sharing LeNet5's conv layers. Each is trained and evaluated under its own task:
+    client 1's two-way predictions compared with the unmapped labels 0..9 could not reach 80%."""
+    from fedmutual.engine.runner import run
+
+    tasks = ["classes", "groups:0,2,4,6|1,3,5,7,8,9"]
+    cfg = validate(dict(algorithm="fml", partition="iid", clients=2, model="lenet5,cnn1", global_model="lenet5:features",
+                        task=tasks, limit_train=1200, limit_test=600, rounds=3, batch_size=32, lr=0.03,
+                        out=str(tmp_path), progress=False, threads=1))
+    res = run(cfg, quiet=True)
+    last = res.metrics[-1]
+    assert last["global_acc"] is None and len(last["meme_acc_global_test"]) == 2
+    assert last["client_acc_global_test"][1] >= 0.8 and last["personal_acc"][1] >= 0.8, last
+    assert last["client_acc_global_test"][0] >= 0.4, last  # 10 classes; chance is 10%
+    encoder_bytes = 4 * (6 * 1 * 25 + 6 + 16 * 6 * 25 + 16)  # LeNet5's two convs, float32
+    assert all(encoder_bytes < up < encoder_bytes + 1024 for up in last["bytes_up_per_client"])
+    alone = run(cfg.model_copy(update={"algorithm": "independent"}), quiet=True)
+    assert alone.metrics[-1]["bytes_up"] == 0 and alone.metrics[-1]["client_acc_global_test"][1] >= 0.8
+    with pytest.raises(ConfigError, match="task: fedavg trains one model for every client"):
+        run(validate({**cfg.to_dict(), "algorithm": "fedavg", "model": "lenet5"}), quiet=True)
