@@ -164,15 +164,6 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     data = data or prepare_data(cfg)
     ds = data.dataset
     tasks = client_tasks(cfg, ds.num_classes)
-    run_dir = _run_dir(cfg)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    (run_dir / "partition.json").write_text(json.dumps({
-        "train_sizes": [len(p) for p in data.parts], "val_sizes": [len(v) for v in data.val],
-        "label_counts": [np.bincount(data.train_y.numpy()[p], minlength=ds.num_classes).tolist() for p in data.parts],
-    }) + "\n")
-    _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
-         f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
-
     # the run's task when every client holds the same one; with per-client tasks, the dataset's own classes
     task = tasks[0] if len(set(tasks)) == 1 else parse_task("classes", ds.num_classes)
     test_x = data.test_x.to(device)
@@ -187,7 +178,16 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
         for p, v, t in zip(data.parts, data.val, tasks)
     ]
     ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task)
-    alg = REGISTRY[cfg.algorithm](ctx)
+    alg = REGISTRY[cfg.algorithm](ctx)  # refuses a bad setting before anything is written
+    run_dir = _run_dir(cfg)
+    write_json(run_dir / "config.json", cfg.to_dict())
+    (run_dir / "partition.json").write_text(json.dumps({
+        "train_sizes": [len(p) for p in data.parts], "val_sizes": [len(v) for v in data.val],
+        "label_counts": [np.bincount(data.train_y.numpy()[p], minlength=ds.num_classes).tolist() for p in data.parts],
+    }) + "\n")
+    _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
+         f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
+
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     show = cfg.progress and not quiet
     rounds_bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", disable=not show, file=sys.stderr, position=0)
