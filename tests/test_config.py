@@ -53,3 +53,25 @@ def test_set_syntax_errors():
         apply_override({}, "rounds")
     with pytest.raises(ConfigError, match="does not exist"):
         build_config("/nonexistent/x.toml")
+
+
+def test_global_model_names_a_zoo_model_or_a_named_part():
+    assert validate({"global_model": "CNN2:Encoder"}).global_model == "cnn2:encoder"
+    assert validate({"global_model": "lenet5"}).global_model == "lenet5"
+    assert validate({}).global_model is None
+    with pytest.raises(ConfigError, match="global_model: unknown model part 'convs'.*allowed: encoder, features"):
+        validate({"global_model": "cnn2:convs"})
+
+
+def test_task_may_be_a_list_assigned_round_robin():
+    cfg = validate({"clients": 3, "task": ["classes", "groups:0,1|2,3,4,5,6,7,8,9"]})
+    assert cfg.task_specs() == ["classes", "groups:0,1|2,3,4,5,6,7,8,9", "classes"]
+    assert validate({"task": ["classes"]}).task == "classes"
+    with pytest.raises(ConfigError, match="task: an empty list"):
+        validate({"task": []})
+    with pytest.raises(ConfigError, match="task: task 'groups:0,1': .*"):
+        validate({"task": ["classes", "groups:0,1"]})
+
+
+def test_independent_is_an_algorithm_name():
+    assert validate({"algorithm": "independent"}).algorithm == "independent"

@@ -98,6 +98,27 @@ def client_tasks(cfg: Config, dataset_classes: int) -> list[Task]:
     return tasks
 
 
+def client_data(data: Prepared, tasks: list[Task], device: torch.device) -> tuple[Task, list[ClientData]]:
+    """Each client's data on ``device``, labelled by its own task, and the run's task.
+
+    The run's task is the clients' task when they all share one, else the dataset's own classes.
+    A client's training, validation and test labels are the dataset's labels mapped by its task;
+    clients of the same task share one tensor of test labels.
+    """
+    task = tasks[0] if len(set(tasks)) == 1 else parse_task("classes", data.dataset.num_classes)
+    test_x = data.test_x.to(device)
+    test_y_of: dict[Task, torch.Tensor] = {}
+    for t in tasks:
+        test_y_of.setdefault(t, t.apply(data.test_y).to(device))
+    val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
+    clients = [
+        ClientData(data.train_x[p].to(device), t.apply(data.train_y[p]).to(device), val_x[v].to(device),
+                   t.apply(val_y[v]).to(device), test_x, test_y_of[t], t)
+        for p, v, t in zip(data.parts, data.val, tasks)
+    ]
+    return task, clients
+
+
 def _run_dir(cfg: Config) -> Path:
     base = Path(cfg.out)
     name = cfg.name or f"{cfg.algorithm}-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
@@ -163,20 +184,9 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset
-    tasks = client_tasks(cfg, ds.num_classes)
-    # the run's task when every client holds the same one; with per-client tasks, the dataset's own classes
-    task = tasks[0] if len(set(tasks)) == 1 else parse_task("classes", ds.num_classes)
-    test_x = data.test_x.to(device)
-    test_y_of = {task: task.apply(data.test_y).to(device)}  # the test labels under each task, made once per task
-    for t in tasks:
-        test_y_of.setdefault(t, t.apply(data.test_y).to(device))
-    test_y = test_y_of[task]
-    val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
-    clients = [
-        ClientData(data.train_x[p].to(device), t.apply(data.train_y[p]).to(device), val_x[v].to(device),
-                   t.apply(val_y[v]).to(device), test_x, test_y_of[t], t)
-        for p, v, t in zip(data.parts, data.val, tasks)
-    ]
+    task, clients = client_data(data, client_tasks(cfg, ds.num_classes), device)
+    test_x = clients[0].test_x  # the test set under the run's task, for a global model
+    test_y = clients[0].test_y if task == clients[0].task else task.apply(data.test_y).to(device)
     ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task)
     alg = REGISTRY[cfg.algorithm](ctx)  # refuses a bad setting before anything is written
     run_dir = _run_dir(cfg)
