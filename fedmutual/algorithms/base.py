@@ -91,9 +91,7 @@ class Context:
 
     def new_encoder(self, *stream: object) -> nn.Sequential:
         """The partial global model (``global_model = "name:part"``), freshly initialized from ``stream``."""
-        name, part = self.global_model_spec()
-        if part is None:
-            raise ConfigError(f"global_model: {self.cfg.global_model!r} is a whole model, not a part such as {name}:encoder")
+        name, part = self._partial_spec()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
             encoder, _ = build_encoder(name, part, self.input_shape)
@@ -101,12 +99,18 @@ class Context:
 
     def new_head(self, k: int, *stream: object) -> nn.Module:
         """Client k's adaptor head on the partial global model, sized for client k's task."""
-        name, part = self.global_model_spec()
+        name, part = self._partial_spec()
         with torch.random.fork_rng(devices=[]):
-            _, width = build_encoder(name, part or "encoder", self.input_shape)
+            _, width = build_encoder(name, part, self.input_shape)
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
             head = adaptor_head(width, self.client_outputs(k), self.cfg.fml.adaptor_hidden)
         return head.to(self.device)
+
+    def _partial_spec(self) -> tuple[str, str]:
+        name, part = self.global_model_spec()
+        if part is None:
+            raise ConfigError(f"global_model: {name!r} is a whole model, not a part such as {name}:encoder")
+        return name, part
 
     def client_model_name(self, k: int) -> str:
         """Client k's own architecture (``model`` may list several, assigned round-robin)."""
