@@ -69,7 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     p_part.add_argument("--download", action="store_true", default=None)
     p_part.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p_part.add_argument("--png", default=None, help="heat map path (default OUT/partition-<spec>-K<clients>-s<seed>.png)")
+    p_cl = sub.add_parser("clients", help="each personalized model under FML against the same model trained alone (tables and Fig. 5/6-style figures)")
+    p_cl.add_argument("fml_run", help="run directory of the FML run")
+    p_cl.add_argument("alone_run", help="run directory of the independent (or local) run on the same data")
+    p_cl.add_argument("--out", default=None, help="where clients.md and the figures go (default: the FML run directory)")
     return parser
+
+
+def _cmd_clients(ns: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fedmutual.config import load_file, validate
+    from fedmutual.engine.compare import per_client_report
+    from fedmutual.errors import ConfigError
+    from fedmutual.report.metrics import read_metrics
+
+    runs = [Path(ns.fml_run), Path(ns.alone_run)]
+    for r in runs:
+        if not (r / "metrics.jsonl").is_file() or not (r / "config.json").is_file():
+            raise ConfigError(f"{r}: not a run directory (needs metrics.jsonl and config.json)")
+    cfg = validate(load_file(runs[0] / "config.json"))
+    out = Path(ns.out) if ns.out else runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients, {cfg.model_label}"
+    text = per_client_report(cfg, read_metrics(runs[0] / "metrics.jsonl"), read_metrics(runs[1] / "metrics.jsonl"), out, title)
+    (out / "clients.md").write_text(text)
+    print(text)
+    print(f"figures: {out / 'clients.png'}, {out / 'clients-curves.png'}")
 
 
 def _cmd_partition(ns: argparse.Namespace) -> None:
@@ -101,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "partition":
             _cmd_partition(ns)
+            return 0
+        if ns.command == "clients":
+            _cmd_clients(ns)
             return 0
         from fedmutual.config import build_config
 

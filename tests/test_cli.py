@@ -71,6 +71,12 @@ def test_compare_fml_with_independent_writes_per_client_results(tmp_path):
     assert row in md, md
     for name in ("clients.png", "clients-curves.png"):
         assert (tmp_path / "mh" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same report from the two run directories
+    r = fedmutual("clients", str(tmp_path / "mh" / "fml"), str(tmp_path / "mh" / "independent"), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    assert row in (tmp_path / "again" / "clients.md").read_text() and (tmp_path / "again" / "clients.png").is_file()
+    r = fedmutual("clients", str(tmp_path / "nothing"), str(tmp_path / "mh" / "fml"))
+    assert r.returncode == 2 and "not a run directory" in r.stderr
 
 
 def test_heterogeneous_models_without_a_global_model_exit_2_and_write_nothing(tmp_path):
