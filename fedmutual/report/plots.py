@@ -96,7 +96,7 @@ def plot_clients(
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%), " + ("own validation split" if key == "personal_acc" else "test set"))
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7, ncol=2)
     fig.tight_layout()
