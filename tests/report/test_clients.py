@@ -36,3 +36,10 @@ def test_plot_clients_writes_both_figure_styles(tmp_path):
         path = tmp_path / f"{style}.png"
         plot_clients(FML, ALONE, path, ["0: mlp", "1: cnn2"], style=style, title="t")
         assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 5000
+
+
+def test_a_groups_task_in_a_cell_does_not_split_the_markdown_row():
+    from fedmutual.report.tables import markdown_table
+
+    table = markdown_table(["client", "acc"], [["1: cnn1, groups:0,1|2,3", "90.00"]])
+    assert table.splitlines()[2] == "| 1: cnn1, groups:0,1\\|2,3 | 90.00 |"
