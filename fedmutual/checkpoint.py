@@ -56,8 +56,7 @@ def capture(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> dict[str
         for k, v in value.state_dict().items():
             tensors[f"{path}/{k}"] = _plain(v)
             keys.append(k)
-        init = getattr(value, "fedmutual_init", None)
-        return {"type": "module", "keys": keys, "init": list(init) if init is not None else None}
+        return {"type": "module", "keys": keys, "init": getattr(value, "fedmutual_init", None)}
     if isinstance(value, torch.optim.Optimizer):
         sd = value.state_dict()
         state: dict[str, dict[str, Any]] = {}
@@ -106,8 +105,8 @@ def restore(current: Any, node: dict[str, Any], tensors: dict[str, torch.Tensor]
             if node["init"] is None:
                 raise CheckpointError(f"checkpoint has a model at {path} that the algorithm did not create at start, "
                                       "and it was not made with ctx.new_model, so it cannot be rebuilt")
-            *stream, name = node["init"]
-            target = new_model(*stream, name=name)
+            init = node["init"]
+            target = new_model(*init["stream"], name=init["name"], outputs=init["outputs"])
         target.load_state_dict({k: tensors[f"{path}/{k}"] for k in node["keys"]})
         return target
     if kind == "optimizer":

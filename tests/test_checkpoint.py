@@ -42,9 +42,13 @@ def _interrupt_in_round(monkeypatch, algorithm: str, at: int) -> None:
     monkeypatch.setitem(REGISTRY, algorithm, Interrupted)
 
 
-@pytest.mark.parametrize("algorithm", sorted(REGISTRY))
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, algorithm):
-    extra = {"dfml": {"dfml": {"participants": 3, "period": 2}}, "dfedavg": {"dfedavg": {"participants": 3}}}.get(algorithm, {})
+EXTRA = {"dfml": {"dfml": {"participants": 3, "period": 2}}, "dfedavg": {"dfedavg": {"participants": 3}},
+         "fml-partial": {"global_model": "lenet5:encoder"}}  # memes = a shared encoder + per-client heads
+
+
+@pytest.mark.parametrize("case", sorted(REGISTRY) + ["fml-partial"])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, monkeypatch, case):
+    algorithm, extra = case.split("-")[0], EXTRA.get(case, {})
     cfg = Config(algorithm=algorithm, out=str(tmp_path), **TINY, **extra,
                  faults={"dropout": 0.2, "crash": 0.2}, attack={"kind": "nan", "clients": [1]})
     data = prepare_data(cfg)
@@ -146,10 +150,10 @@ class _Holder:
 
 
 def test_generic_capture_round_trips_every_supported_kind():
-    def make(*stream, name="mlp"):
+    def make(*stream, name="mlp", outputs=None):
         torch.manual_seed(len(stream))
-        m = nn.Linear(3, 2)
-        m.fedmutual_init = (*stream, name)
+        m = nn.Linear(3, outputs or 2)
+        m.fedmutual_init = {"stream": list(stream), "name": name, "outputs": outputs}
         return m
 
     h = _Holder(make)

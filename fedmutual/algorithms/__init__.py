@@ -6,8 +6,8 @@ from fedmutual.algorithms.dfml import DFML
 from fedmutual.algorithms.fedavg import FedAvg
 from fedmutual.algorithms.fedprox import FedProx
 from fedmutual.algorithms.fml import FML
-from fedmutual.algorithms.local import Local
+from fedmutual.algorithms.local import Independent, Local
 
-REGISTRY: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, Local, FML, DFML, DFedAvg)}
+REGISTRY: dict[str, type[Algorithm]] = {a.name: a for a in (FedAvg, FedProx, Local, Independent, FML, DFML, DFedAvg)}
 
-__all__ = ["Algorithm", "Context", "REGISTRY", "FedAvg", "FedProx", "FML", "Local", "DFML", "DFedAvg"]
+__all__ = ["Algorithm", "Context", "REGISTRY", "FedAvg", "FedProx", "FML", "Local", "Independent", "DFML", "DFedAvg"]

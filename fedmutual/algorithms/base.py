@@ -16,7 +16,7 @@ from fedmutual.data.tasks import Task
 from fedmutual.errors import ConfigError, FedmutualError
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd, train_job
 from fedmutual.faults import RoundEvents, RoundPlan, attackers, corrupt
-from fedmutual.models import build_model
+from fedmutual.models import adaptor_head, build_encoder, build_model, parse_model_spec
 from fedmutual.seeding import derive_seed
 from fedmutual.transport import InProcessTransport, Message, MessageRejected
 
@@ -76,17 +76,64 @@ class Context:
         """Outputs of the run's models: one per class, or 1 for a binary task."""
         return self.task.num_outputs if self.task is not None else self.num_classes
 
-    def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
+    def new_model(self, *stream: object, name: str | None = None, outputs: int | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
 
-        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`).
+        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`),
+        ``outputs`` to the run's task's (:attr:`num_outputs`).
         """
         name = name or self.shared_model_name()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name, self.input_shape, self.num_outputs)
-        model.fedmutual_init = (*stream, name)  # lets a checkpoint rebuild a model created on demand (fedmutual.checkpoint)
+            model = build_model(name, self.input_shape, outputs or self.num_outputs)
+        # lets a checkpoint rebuild a model created on demand (fedmutual.checkpoint)
+        model.fedmutual_init = {"stream": list(stream), "name": name, "outputs": outputs}
         return model.to(self.device)
+
+    def client_task(self, k: int) -> Task | None:
+        """Client k's task (``task`` may list one per client); None: the dataset's own classes."""
+        return self.clients[k].task or self.task
+
+    def client_outputs(self, k: int) -> int:
+        """The number of outputs of client k's models: those of its task."""
+        task = self.client_task(k)
+        return task.num_outputs if task is not None else self.num_outputs
+
+    def one_task(self, what: str) -> None:
+        """Refuse clients with different tasks where ``what`` (e.g. one whole global model) must serve them all."""
+        specs = sorted({t.spec for t in (self.client_task(k) for k in range(len(self.clients))) if t is not None})
+        if len(specs) > 1:
+            raise ConfigError(
+                f"task: the clients' tasks differ ({'; '.join(specs)}), and {self.cfg.algorithm} has {what} for all of them; "
+                f"give FML a partial global model (e.g. global_model = \"cnn2:encoder\"), whose adaptor heads are per client"
+            )
+
+    def new_client_model(self, k: int, *stream: object) -> nn.Module:
+        """Client k's own architecture (``model``), with an output per class of client k's task."""
+        return self.new_model(*stream, name=self.client_model_name(k), outputs=self.client_outputs(k))
+
+    def new_encoder(self, *stream: object) -> nn.Sequential:
+        """The partial global model (``global_model = "name:part"``), freshly initialized from ``stream``."""
+        name, part = self._partial_spec()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            encoder, _ = build_encoder(name, part, self.input_shape)
+        return encoder.to(self.device)
+
+    def new_head(self, k: int, *stream: object) -> nn.Module:
+        """Client k's adaptor head on the partial global model, sized for client k's task."""
+        name, part = self._partial_spec()
+        with torch.random.fork_rng(devices=[]):
+            _, width = build_encoder(name, part, self.input_shape)
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            head = adaptor_head(width, self.client_outputs(k), self.cfg.fml.adaptor_hidden)
+        return head.to(self.device)
+
+    def _partial_spec(self) -> tuple[str, str]:
+        name, part = self.global_model_spec()
+        if part is None:
+            raise ConfigError(f"global_model: {name!r} is a whole model, not a part such as {name}:encoder")
+        return name, part
 
     def client_model_name(self, k: int) -> str:
         """Client k's own architecture (``model`` may list several, assigned round-robin)."""
@@ -98,9 +145,25 @@ class Context:
         if len(set(names)) > 1:
             raise ConfigError(
                 f"model: {self.cfg.algorithm} averages weights, so every client needs the same architecture; "
-                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (dfml, local)."
+                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (fml with global_model, dfml, local)."
             )
         return names[0]
+
+    def global_model_spec(self) -> tuple[str, str | None]:
+        """FML's global model: its architecture and named part (None = the whole model).
+
+        ``global_model`` when set, else the clients' model when they all share one.
+        """
+        if self.cfg.global_model is not None:
+            return parse_model_spec(self.cfg.global_model)
+        names = self.cfg.model_names()
+        if len(set(names)) > 1:
+            raise ConfigError(
+                f"global_model: {self.cfg.algorithm} needs a global model, and the clients' models differ "
+                f"({', '.join(sorted(set(names)))}); set global_model (e.g. --global-model lenet5 or cnn2:encoder), "
+                f"use one model name, or an algorithm without a global model (dfml, local, independent)."
+            )
+        return names[0], None
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         return sgd(model, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
@@ -242,6 +305,8 @@ class Algorithm(ABC):
 
     name = "base"
     transient: tuple[str, ...] = ()  # attributes a checkpoint skips (rebuilt from the config at start)
+    #: whether clients may hold different tasks (``task`` as a list); the runner refuses it otherwise
+    client_tasks = False
 
     def __init__(self, ctx: Context):
         self.ctx = ctx

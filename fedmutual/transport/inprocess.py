@@ -7,7 +7,7 @@ from typing import Mapping
 
 import torch
 
-from fedmutual.transport.messages import Message, encode
+from fedmutual.transport.messages import Message, decode, encode
 from fedmutual.transport.validation import receive
 
 DEFAULT_MAX_BYTES = 1 << 30
@@ -30,6 +30,7 @@ class InProcessTransport:
         self.record = record
         self.max_bytes = max_bytes
         self.log: list[tuple[str, str, int, dict[str, str]]] = []  # (src, dst, bytes, meta) when record is on
+        self.messages: list[tuple[str, str, Message]] = []  # (src, dst, what dst received) when record is on
 
     def send(self, src: str, dst: str, msg: Message, like: Mapping[str, torch.Tensor] | None = None) -> Message:
         """Serialize, count, then validate against ``like`` and parse what the receiver gets."""
@@ -43,6 +44,8 @@ class InProcessTransport:
         if self.record:
             self.log.append((src, dst, len(data), dict(meta or {})))
         out = receive(data, like, self.max_bytes)
+        if self.record:
+            self.messages.append((src, dst, decode(data)))
         if self.device.type != "cpu":
             out.tensors = {k: v.to(self.device) for k, v in out.tensors.items()}
         return out
