@@ -11,7 +11,7 @@ from fedmutual.errors import FedmutualError
 
 # flag -> config key, for the flags shared by run and compare
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | dfml | dfedavg"),
+    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | dfml | dfedavg | dmlfl | asyncfl"),
     ("--dataset", "dataset", str, "fashion-mnist | mnist | idx | cifar10 | cifar100"),
     ("--data-dir", "data_dir", str, "directory holding the dataset files"),
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),

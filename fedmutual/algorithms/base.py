@@ -11,6 +11,7 @@ from torch import nn
 
 from fedmutual.config import Config
 from fedmutual.errors import ConfigError
+from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
 from fedmutual.models import build_model
 from fedmutual.seeding import derive_seed
@@ -42,6 +43,7 @@ class Context:
     device: torch.device
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
+    _rounds: RoundData | None = None
 
     def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
@@ -68,7 +70,42 @@ class Context:
         return names[0]
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """SGD with momentum and weight decay (the FML paper's), or Adam (``optimizer = "adam"``, DML-FL's)."""
+        if self.cfg.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         return sgd(model, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
+
+    def round_data(self) -> RoundData:
+        """The per-round folds and public sets (:mod:`fedmutual.data.folds`), built on first use.
+
+        With ``local_data = "folds"`` every algorithm holds out the round's public
+        fold as DML-FL does (settings ``dmlfl.public*``), so all methods train on
+        the same local folds.
+        """
+        if self._rounds is None:
+            d = self.cfg.dmlfl
+            external = None
+            if d.public_dataset is not None:
+                external = load_public_dataset(
+                    d.public_dataset, self.cfg.data_dir, self.cfg.download, self.input_shape, self.num_classes,
+                    d.public_labels, self.device,
+                )
+            self._rounds = RoundData(
+                [(c.x, c.y) for c in self.clients], self.cfg.seed, self.cfg.local_data == "folds", d.public == "dynamic",
+                d.public_size, carve=True, external=external,
+            )
+        return self._rounds
+
+    def local_data(self, k: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client k's training data in round t: its partition, or the round's fold (``local_data = "folds"``).
+
+        DML-FL with a public set carved from the training set also leaves out the
+        round's public samples from a client's partition.
+        """
+        if self.cfg.local_data == "partition" and (self.cfg.algorithm != "dmlfl" or self.cfg.dmlfl.public_dataset):
+            d = self.clients[k]
+            return d.x, d.y
+        return self.round_data().local(k, t)
 
     def lr_at(self, t: int) -> float:
         """The learning rate of round t: constant, or x0.1 at T/3 and 2T/3 (``lr_schedule = "step"``)."""
@@ -82,9 +119,9 @@ class Context:
         for m in members:
             for g in m.optimizer.param_groups:
                 g["lr"] = self.lr_at(t)
-        d = self.clients[k]
+        x, y = self.local_data(k, t)
         return ClientJob(
-            client=k, members=members, x=d.x, y=d.y, epochs=self.cfg.local_epochs,
+            client=k, members=members, x=x, y=y, epochs=self.cfg.local_epochs,
             batch_size=self.cfg.batch_size, shuffle_seed=derive_seed(self.cfg.seed, "shuffle", k, t),
         )
 
