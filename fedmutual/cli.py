@@ -15,6 +15,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--dataset", "dataset", str, "fashion-mnist | mnist | idx | cifar10 | cifar100"),
     ("--data-dir", "data_dir", str, "directory holding the dataset files"),
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),
+    ("--task", "task", str, "classes | binary:C1,C2,... | groups:A,B|C|...: what the clients learn from the labels"),
     ("--clients", "clients", int, "number of clients K"),
     ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2, or a,b,c assigned round-robin to the clients"),
     ("--rounds", "rounds", int, "communication rounds T"),

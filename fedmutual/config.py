@@ -121,6 +121,7 @@ class Config(_Strict):
     data_dir: str | None = None
     download: bool = False
     partition: str = "shards:2"
+    task: str = "classes"  # what every client learns: classes, binary:C1,C2,... or groups:A,B|C|... (see data/tasks.py)
     clients: int = Field(default=5, ge=1)
     model: str | list[str] = "lenet5"  # one name, "a,b,c" (round-robin over clients) or a list, one per client
     rounds: int = Field(default=10, ge=1)
@@ -165,6 +166,16 @@ class Config(_Strict):
         except ConfigError as e:
             raise ValueError(str(e)) from None
         return v
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        from fedmutual.data.tasks import parse_task
+
+        try:
+            return parse_task(v).spec
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
 
     @field_validator("model")
     @classmethod

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from fedmutual.config import Config
+from fedmutual.data.tasks import Task
 from fedmutual.errors import ConfigError
 from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
+from fedmutual.losses import binary_cross_entropy, check_kl_mode, cross_entropy
 from fedmutual.models import build_model
 from fedmutual.seeding import derive_seed
 from fedmutual.transport import InProcessTransport, Message
@@ -20,12 +22,18 @@ from fedmutual.transport import InProcessTransport, Message
 
 @dataclass
 class ClientData:
-    """One client's private data, already on the run's device."""
+    """One client's private data, already on the run's device, with labels under the client's task.
+
+    ``test_x``/``test_y`` are the shared test set under this client's task (None: not evaluated on it).
+    """
 
     x: torch.Tensor
     y: torch.Tensor
     val_x: torch.Tensor
     val_y: torch.Tensor
+    test_x: torch.Tensor | None = None
+    test_y: torch.Tensor | None = None
+    task: Task | None = None
 
     @property
     def n(self) -> int:
@@ -43,7 +51,30 @@ class Context:
     device: torch.device
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
+    task: Task | None = None  # the run's task; None: the dataset's own classes
     _rounds: RoundData | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        """Outputs of the run's models: one per class, or 1 for a binary task."""
+        return self.task.num_outputs if self.task is not None else self.num_classes
+
+    @property
+    def binary(self) -> bool:
+        """Whether the run's task is binary: one sigmoid output, BCE, and a two-class KL."""
+        return self.task is not None and self.task.binary
+
+    def kl_mode(self, requested: str = "auto", key: str = "kl") -> str:
+        """The KL mode for this run's models: ``auto`` is ``bernoulli`` on a binary task, else ``softmax``.
+
+        A mode that does not fit the task (``softmax`` on one output, a binary mode on several) is a ConfigError.
+        """
+        mode = ("bernoulli" if self.binary else "softmax") if requested == "auto" else requested
+        try:
+            check_kl_mode(mode, self.num_outputs)
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e} (task {self.cfg.task!r})") from None
+        return mode
 
     def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
@@ -52,7 +83,7 @@ class Context:
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_classes)
+            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_outputs)
         return model.to(self.device)
 
     def client_model_name(self, k: int) -> str:
@@ -87,8 +118,8 @@ class Context:
             external = None
             if d.public_dataset is not None:
                 external = load_public_dataset(
-                    d.public_dataset, self.cfg.data_dir, self.cfg.download, self.input_shape, self.num_classes,
-                    d.public_labels, self.device,
+                    d.public_dataset, self.cfg.data_dir, self.cfg.download, self.input_shape, d.public_labels,
+                    self.device, self.task,
                 )
             self._rounds = RoundData(
                 [(c.x, c.y) for c in self.clients], self.cfg.seed, self.cfg.local_data == "folds", d.public == "dynamic",
@@ -123,6 +154,7 @@ class Context:
         return ClientJob(
             client=k, members=members, x=x, y=y, epochs=self.cfg.local_epochs,
             batch_size=self.cfg.batch_size, shuffle_seed=derive_seed(self.cfg.seed, "shuffle", k, t),
+            ce=binary_cross_entropy if self.binary else cross_entropy, kl=self.kl_mode(),
         )
 
     def train(self, jobs: list[ClientJob], t: int) -> list[JobResult]:

@@ -69,7 +69,7 @@ class DMLFL(Algorithm):
         super().__init__(ctx)
         self.cfg = cfg = ctx.cfg.dmlfl
         self.kl = ctx.kl_mode(cfg.kl, "dmlfl.kl")
-        if ctx.task.binary and cfg.compression.startswith("topk"):
+        if ctx.binary and cfg.compression.startswith("topk"):
             raise ConfigError(f"dmlfl.compression: {cfg.compression!r} needs several classes; a binary task publishes one probability per sample (use 'none' or 'fp16')")
         self.models = [ctx.new_model("local", k, name=ctx.client_model_name(k)) for k in range(len(ctx.clients))]
         if cfg.common_init:  # the only weights that ever travel: one initial model per architecture
@@ -98,7 +98,7 @@ class DMLFL(Algorithm):
             others = [j for j in participants if j != k]
             relay = {f"{name}/client{j}": v for j in others for name, v in published[j].items()}
             msg = ctx.send("server", client_name(k), relay, round=t + 1)
-            n_out = ctx.task.num_outputs
+            n_out = ctx.num_outputs
             teachers = [decompress({n.split("/")[0]: v for n, v in msg.tensors.items() if n.endswith(f"/client{j}")}, n_out) for j in others]
             member = Member(self.models[k], self.opts[k], w_ce=1.0 if cfg.public_labels else 0.0, w_kl=cfg.kl_weight)
             job = dataclasses.replace(

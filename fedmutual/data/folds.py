@@ -20,12 +20,15 @@ Every party can derive the round's folds from the run seed and t alone
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 
 from fedmutual.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedmutual.data.tasks import Task
 from fedmutual.seeding import numpy_rng
 
 
@@ -151,14 +154,15 @@ def load_public_dataset(
     data_dir: str | None,
     download: bool,
     input_shape: tuple[int, ...],
-    num_classes: int,
     labelled: bool,
     device: torch.device,
+    task: "Task | None" = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A second dataset's training set as a public-set source (standardized with its own statistics).
 
     Its samples must have the run's input shape; a labelled public set also
-    needs the run's number of classes (the labels are used as they are).
+    needs the run dataset's number of classes, and its labels go through the
+    run's task like the clients' labels.
     """
     from fedmutual.data.datasets import load_dataset
 
@@ -168,9 +172,12 @@ def load_public_dataset(
             f"dmlfl.public_dataset: {ds.name} has inputs of shape {tuple(ds.input_shape)}, the run's dataset "
             f"{tuple(input_shape)}; the public set must have the same input shape"
         )
-    if labelled and ds.num_classes != num_classes:
-        raise ConfigError(
-            f"dmlfl.public_dataset: {ds.name} has {ds.num_classes} classes, the run's dataset {num_classes}; "
-            "a labelled public set needs the same classes (or set dmlfl.public_labels = false)"
-        )
-    return ds.train_x.to(device), ds.train_y.to(device)
+    y = ds.train_y
+    if labelled and task is not None:
+        if ds.num_classes != len(task.label_map):
+            raise ConfigError(
+                f"dmlfl.public_dataset: {ds.name} has {ds.num_classes} classes, the run's dataset {len(task.label_map)}; "
+                "a labelled public set needs the same classes (or set dmlfl.public_labels = false)"
+            )
+        y = task.apply(y)
+    return ds.train_x.to(device), y.to(device)

@@ -143,13 +143,15 @@ def sgd(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> to
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` on (x, y), in eval mode."""
+    """Top-1 accuracy of ``model`` on (x, y), in eval mode; a model with one output is binary (logit > 0 is class 1)."""
     if len(y) == 0:
         return float("nan")
     was_training = model.training
     model.eval()
     correct = 0
     for s in range(0, len(y), batch_size):
-        correct += int((model(x[s : s + batch_size]).argmax(-1) == y[s : s + batch_size]).sum())
+        out = model(x[s : s + batch_size])
+        pred = (out[..., 0] > 0).long() if out.shape[-1] == 1 else out.argmax(-1)
+        correct += int((pred == y[s : s + batch_size]).sum())
     model.train(was_training)
     return correct / len(y)

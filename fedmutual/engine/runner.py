@@ -18,6 +18,7 @@ from fedmutual.algorithms import REGISTRY, Algorithm
 from fedmutual.algorithms.base import ClientData, Context, client_name
 from fedmutual.config import Config
 from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
+from fedmutual.data.tasks import parse_task
 from fedmutual.engine.cohort import accuracy, count_steps
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import ConfigError, NonFiniteLossError
@@ -114,16 +115,21 @@ def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.T
             cache[id(model)] = accuracy(model, test_x, test_y, bs)
         return cache[id(model)]
 
+    def client_test_acc(model: torch.nn.Module, d: ClientData) -> float:
+        if d.test_y is None or d.test_y is test_y:
+            return test_acc(model)
+        return accuracy(model, d.test_x, d.test_y, bs)
+
     g = alg.global_model()
     out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
     models = [alg.client_model(k) for k in range(len(ctx.clients))]
-    out["client_acc_global_test"] = [test_acc(m) for m in models]
+    out["client_acc_global_test"] = [client_test_acc(m, d) for m, d in zip(models, ctx.clients)]
     out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) if d.val_y.numel() else None for m, d in zip(models, ctx.clients)]
     out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
     vals = [v for v in out["personal_acc"] if v is not None]
     out["personal_acc_mean"] = float(np.mean(vals)) if vals else None
     for name, extra in alg.extra_models().items():
-        accs = [test_acc(m) for m in extra]
+        accs = [client_test_acc(m, d) for m, d in zip(extra, ctx.clients)]
         out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, float(np.mean(accs))
     return out
 
@@ -154,13 +160,15 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
          f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
 
-    test_x, test_y = data.test_x.to(device), data.test_y.to(device)
-    val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
+    task = parse_task(cfg.task, ds.num_classes)
+    test_x, test_y = data.test_x.to(device), task.apply(data.test_y).to(device)
+    train_y = task.apply(data.train_y)
+    val_x, val_y = (data.train_x, train_y) if data.val_on_train else (data.test_x, task.apply(data.test_y))
     clients = [
-        ClientData(data.train_x[p].to(device), data.train_y[p].to(device), val_x[v].to(device), val_y[v].to(device))
+        ClientData(data.train_x[p].to(device), train_y[p].to(device), val_x[v].to(device), val_y[v].to(device), test_x, test_y, task)
         for p, v in zip(data.parts, data.val)
     ]
-    ctx = Context(cfg, clients, ds.input_shape, ds.num_classes, device, InProcessTransport(device))
+    ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task)
     alg = REGISTRY[cfg.algorithm](ctx)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     show = cfg.progress and not quiet
