@@ -17,7 +17,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),
     ("--task", "task", str, "classes | binary:C1,C2,... | groups:A,B|C|...: what the clients learn from the labels"),
     ("--clients", "clients", int, "number of clients K"),
-    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2, or a,b,c assigned round-robin to the clients"),
+    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2 | dmlcnn, or a,b,c assigned round-robin to the clients"),
     ("--rounds", "rounds", int, "communication rounds T"),
     ("--local-epochs", "local_epochs", int, "local epochs E per round"),
     ("--batch-size", "batch_size", int, "mini-batch size B"),
