@@ -25,7 +25,7 @@ from fedmutual.errors import ConfigError, NonFiniteLossError
 from fedmutual.report.metrics import MetricsWriter, summarize, write_json
 from fedmutual.report.plots import plot_run
 from fedmutual.report.tables import markdown_table, summary_rows
-from fedmutual.seeding import numpy_rng
+from fedmutual.seeding import derive_seed, numpy_rng
 from fedmutual.transport import InProcessTransport
 
 
@@ -148,6 +148,7 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     ``data`` reuses data prepared for the same data fields and seed (as ``compare`` does).
     """
     threads = configure_threads(cfg.threads)
+    torch.manual_seed(derive_seed(cfg.seed, "torch"))  # the global generator draws dropout masks
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset
