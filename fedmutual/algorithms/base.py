@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -52,7 +52,7 @@ class Context:
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
     task: Task | None = None  # the run's task; None: the dataset's own classes
-    _rounds: RoundData | None = None
+    _rounds: RoundData | None = field(default=None, init=False, repr=False)
 
     @property
     def num_outputs(self) -> int:

@@ -52,6 +52,11 @@ def decompress(tensors: dict[str, torch.Tensor], num_outputs: int) -> torch.Tens
     return fill.clone().scatter_(1, classes, values)
 
 
+def unpack(tensors: dict[str, torch.Tensor], sender: str) -> dict[str, torch.Tensor]:
+    """One sender's tensors out of a relayed message whose names are ``sender/name``."""
+    return {n.split("/", 1)[1]: v for n, v in tensors.items() if n.split("/", 1)[0] == sender}
+
+
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, mode: str, temperature: float, batch_size: int) -> torch.Tensor:
     """The model's published predictions on ``x``, in eval mode (no dropout)."""
@@ -96,10 +101,8 @@ class DMLFL(Algorithm):
         jobs = []
         for k in participants:
             others = [j for j in participants if j != k]
-            relay = {f"{name}/client{j}": v for j in others for name, v in published[j].items()}
-            msg = ctx.send("server", client_name(k), relay, round=t + 1)
-            n_out = ctx.num_outputs
-            teachers = [decompress({n.split("/")[0]: v for n, v in msg.tensors.items() if n.endswith(f"/client{j}")}, n_out) for j in others]
+            relay = ctx.send("server", client_name(k), {f"{client_name(j)}/{n}": v for j in others for n, v in published[j].items()}, round=t + 1)
+            teachers = [decompress(unpack(relay.tensors, client_name(j)), ctx.num_outputs) for j in others]
             member = Member(self.models[k], self.opts[k], w_ce=1.0 if cfg.public_labels else 0.0, w_kl=cfg.kl_weight)
             job = dataclasses.replace(
                 ctx.job(k, t, [member]), x=px, y=py, epochs=cfg.collab_epochs, temperature=cfg.temperature, kl=self.kl,

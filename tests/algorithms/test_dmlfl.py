@@ -36,7 +36,7 @@ def test_no_parameter_tensor_in_any_message_after_initialization(make_ctx):
     for (src, dst, nbytes, meta), msg in msgs:
         assert "phase" not in meta and meta["round"] in ("1", "2")
         for name, tensor in msg.tensors.items():
-            assert name.startswith("probs")
+            assert name.split("/")[-1] == "probs"
             assert tensor.shape == (18, 4) and tuple(tensor.shape) not in shapes  # one row per public sample
             assert torch.allclose(tensor.sum(1), torch.ones(18)) and bool((tensor >= 0).all())  # probabilities
             assert not any(p.numel() == tensor.numel() and torch.equal(p, tensor.flatten()) for p in params)
@@ -56,9 +56,9 @@ def test_each_client_is_taught_by_the_others_published_predictions(make_ctx):
     uploads = {src: m.tensors["probs"] for (src, dst, _, _), m in msgs if dst == "server"}
     for (src, dst, _, _), m in msgs:
         if src == "server":
-            assert set(m.tensors) == {f"probs/{c}" for c in uploads if c != dst}
+            assert set(m.tensors) == {f"{c}/probs" for c in uploads if c != dst}
             for name, tensor in m.tensors.items():
-                assert torch.equal(tensor, uploads[name.split("/")[1]])
+                assert torch.equal(tensor, uploads[name.split("/")[0]])
 
 
 def test_compression_round_trips():
