@@ -18,7 +18,12 @@ samples would give (60 000 / K / B), cut so that a run takes about a second.
 The engines run in turn, twice, and each keeps its best run: other processes on
 a shared machine only ever slow a run down. Speed is never asserted here.
 
-    python benchmarks/engine.py            # the full table (about 10 minutes)
+A second table times evaluation: K models of one architecture tested on one
+shared test set (what every round's evaluation does), model by model
+(``loop``: ``accuracy`` with batches of 256) against one stacked forward
+(``stacked``), and what ``auto`` picks.
+
+    python benchmarks/engine.py            # both tables (about 10 minutes)
     python benchmarks/engine.py --quick    # K=20, B=32 only
 """
 
@@ -37,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fedmutual.engine.cohort import ClientJob, Member, run_cohort, sgd  # noqa: E402
+from fedmutual.engine.evaluation import shared_accuracies  # noqa: E402
 from fedmutual.engine.setup import configure_threads  # noqa: E402
 from fedmutual.engine.stacked import keep_freed_memory, plan_cohort  # noqa: E402
 from fedmutual.models import build_model  # noqa: E402
@@ -113,6 +119,23 @@ def measure(model: str, k: int, b: int, members: int, seconds: float, repeats: i
             "auto_path": picked + ("" if auto_timed else " (=)"), **best}
 
 
+def measure_eval(model: str, k: int, repeats: int) -> dict[str, object]:
+    """Test samples per second (models x samples) of evaluating K models on one shared test set."""
+    n = 500 if model == "cnn2" else 2000
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(n, *SHAPE, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+    models = [build_model(model, SHAPE, CLASSES) for _ in range(k)]
+    best = {}
+    for engine in ("loop", "stacked", "auto"):
+        shared_accuracies(models[:2], x[:64], y[:64], 256, engine)  # warm-up
+    for _ in range(repeats):
+        for engine in ("loop", "stacked", "auto"):
+            start = time.perf_counter()
+            shared_accuracies(models, x, y, 256, engine)
+            best[engine] = max(best.get(engine, 0.0), k * n / (time.perf_counter() - start))
+    return {"model": model, "K": k, "n": n, **best}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="K=20, B=32 only")
@@ -140,8 +163,21 @@ def main() -> None:
                              f"{r['ref']:.0f}", f"{r['stacked'] / r['loop']:.2f}", f"{r['stacked'] / r['ref']:.2f}",
                              r["auto_path"], f"{r['auto'] / r['loop']:.2f}"]
                     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
-    print(f"# total {time.perf_counter() - start:.0f} s; (=): auto not timed separately in the slowest rows, "
+    print(f"# training total {time.perf_counter() - start:.0f} s; (=): auto not timed separately in the slowest rows, "
           "its time is that of the path it picked (it runs exactly that path)")
+    print("\n# evaluation: K models on one shared test set of n synthetic samples; model-samples/s, best of "
+          f"{args.repeats} runs; loop = one model at a time with batches of 256")
+    header = ["model", "K", "n", "loop/s", "stacked/s", "auto/s", "st/loop", "auto/loop"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("---" for _ in header) + "|", flush=True)
+    start = time.perf_counter()
+    for model in args.models.split(","):
+        for k in ks:
+            r = measure_eval(model, k, args.repeats)
+            cells = [r["model"], r["K"], r["n"], f"{r['loop']:.0f}", f"{r['stacked']:.0f}", f"{r['auto']:.0f}",
+                     f"{r['stacked'] / r['loop']:.2f}", f"{r['auto'] / r['loop']:.2f}"]
+            print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+    print(f"# evaluation total {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from fedmutual.config import Config
 from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
 from fedmutual.data.tasks import parse_task
 from fedmutual.engine.cohort import accuracy, count_steps
+from fedmutual.engine.evaluation import shared_accuracies
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import ConfigError, NonFiniteLossError
 from fedmutual.report.metrics import MetricsWriter, summarize, write_json
@@ -108,7 +109,16 @@ def sample_participants(cfg: Config, t: int) -> list[int]:
 def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.Tensor) -> dict[str, Any]:
     """global_acc, and each client's deployable model on the test set and on its validation split."""
     bs = ctx.cfg.eval_batch_size
-    cache: dict[int, float] = {}  # test accuracy per model object, so a shared model is evaluated once
+
+    def shared(d: ClientData) -> bool:  # the client is tested on the run's test set under the run's task
+        return d.test_y is None or d.test_y is test_y
+
+    extras = alg.extra_models()
+    on_test = [alg.global_model()] + [alg.client_model(k) for k, d in enumerate(ctx.clients) if shared(d)]
+    on_test += [m for extra in extras.values() for m, d in zip(extra, ctx.clients) if shared(d)]
+    on_test = [m for m in on_test if m is not None]
+    # test accuracy per model object: every model on the shared test set in one call (stacked where it pays)
+    cache = dict(zip(map(id, on_test), shared_accuracies(on_test, test_x, test_y, bs, ctx.cfg.engine)))
 
     def test_acc(model: torch.nn.Module) -> float:
         if id(model) not in cache:
@@ -116,9 +126,7 @@ def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.T
         return cache[id(model)]
 
     def client_test_acc(model: torch.nn.Module, d: ClientData) -> float:
-        if d.test_y is None or d.test_y is test_y:
-            return test_acc(model)
-        return accuracy(model, d.test_x, d.test_y, bs)
+        return test_acc(model) if shared(d) else accuracy(model, d.test_x, d.test_y, bs)
 
     g = alg.global_model()
     out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
@@ -128,7 +136,7 @@ def evaluate(alg: Algorithm, ctx: Context, test_x: torch.Tensor, test_y: torch.T
     out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
     vals = [v for v in out["personal_acc"] if v is not None]
     out["personal_acc_mean"] = float(np.mean(vals)) if vals else None
-    for name, extra in alg.extra_models().items():
+    for name, extra in extras.items():
         accs = [client_test_acc(m, d) for m, d in zip(extra, ctx.clients)]
         out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, float(np.mean(accs))
     return out

@@ -222,6 +222,7 @@ class _Layer:
     params: dict[str, torch.Tensor] = {}
     buffers: dict[str, torch.Tensor] = {}
     transposed: tuple[str, ...] = ()  # parameters stored as the transpose of their member layout
+    training: bool = True  # False: BatchNorm uses its running statistics, Dropout is the identity
 
     def forward(self, h: torch.Tensor, m: int, mask: torch.Tensor | None) -> torch.Tensor:
         raise NotImplementedError
@@ -291,15 +292,16 @@ class _BatchNorm(_Layer):
 
     def forward(self, h: torch.Tensor, m: int, mask: torch.Tensor | None) -> torch.Tensor:
         bn = self.mod
-        if "num_batches_tracked" in self.buffers:
+        batch_stats = self.training or not bn.track_running_stats
+        if self.training and "num_batches_tracked" in self.buffers:
             _rows(self.buffers["num_batches_tracked"], m).add_(1)
         vec = h.dim() == 3
-        if mask is not None:
+        if mask is not None and batch_stats:
             return self._masked(h, m, mask)
         x = h.transpose(0, 1).reshape(h.shape[1], -1) if vec else h
         y = F.batch_norm(
             x, self._flat("running_mean", m, self.buffers), self._flat("running_var", m, self.buffers),
-            self._flat("weight", m, self.params), self._flat("bias", m, self.params), True, bn.momentum, bn.eps,
+            self._flat("weight", m, self.params), self._flat("bias", m, self.params), batch_stats, bn.momentum, bn.eps,
         )
         return y.view(h.shape[1], m, -1).transpose(0, 1) if vec else y
 
@@ -348,6 +350,8 @@ class _Dropout(_Layer):
         self.params, self.buffers = {}, {}
 
     def forward(self, h: torch.Tensor, m: int, mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.training:
+            return h
         return F.dropout2d(h, self.p, True) if self.channels else F.dropout(h, self.p, True)
 
 
@@ -403,6 +407,12 @@ class StackedModel:
         self.member_params = [list(m.parameters()) for m in self.models]
         flipped = {f"{prefix}.{k}" for prefix, layer in self.layers for k in layer.transposed}
         self._transposed = [n in flipped for n in names]
+
+    def train(self, mode: bool = True) -> "StackedModel":
+        """Training (batch statistics, dropout) or evaluation behaviour, like ``nn.Module.train``."""
+        for _, layer in self.layers:
+            layer.training = mode
+        return self
 
     def pack(self, i: int, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """Stack the members' versions of parameter ``i`` (or of a tensor shaped like it) in its stacked layout."""
