@@ -141,3 +141,24 @@ def test_heterogeneous_ten_class_run_gives_the_same_metrics_on_either_engine(tmp
         assert a["train_loss_collab"] == pytest.approx(b["train_loss_collab"], abs=1e-5)
     assert metrics["loop"][-1]["client_acc_global_test_mean"] >= 0.4  # chance is 0.1
     assert math.isfinite(metrics["loop"][-1]["train_loss_collab"])
+
+
+def test_public_set_from_a_second_dataset_unlabelled(tmp_path):
+    # Fashion-MNIST's own 60 000 training images as the second source: the clients keep the whole
+    # (limited) training set, and 200 public samples a round come from the other source.
+    cfg = Config(**{**REAL, "rounds": 2, "local_data": "partition"}, model="mlp", out=str(tmp_path),
+                 dmlfl={"public_dataset": "fashion_mnist", "public_size": 200, "public_labels": False})
+    res = run(cfg, quiet=True)
+    assert res.metrics[-1]["public_size"] == 200
+    assert all(200 * 10 * 4 < up < 200 * 10 * 4 + 200 for up in res.metrics[-1]["bytes_up_per_client"])
+
+
+def test_second_dataset_public_set_leaves_the_partitions_whole(make_ctx):
+    ctx = make_ctx(sizes=(30, 22, 17), shape=(1, 28, 28), algorithm="dmlfl",
+                   dmlfl={"public_dataset": "fashion-mnist", "public_size": 50, "public_labels": False})
+    px, _ = ctx.round_data().public_set(0)
+    assert px.shape == (50, 1, 28, 28) and not torch.equal(px, ctx.round_data().public_set(1)[0])
+    for k, d in enumerate(ctx.clients):
+        assert ctx.local_data(k, 0)[0] is d.x
+    with pytest.raises(ConfigError, match=r"public_dataset: fashion-mnist has inputs of shape \(1, 28, 28\)"):
+        make_ctx(sizes=(30, 22), shape=(1, 8, 8), algorithm="dmlfl", dmlfl={"public_dataset": "fashion-mnist"}).round_data()
