@@ -11,13 +11,14 @@ from fedmutual.errors import FedmutualError
 
 # flag -> config key, for the flags shared by run and compare
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | dfml | dfedavg | dmlfl | asyncfl"),
+    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | independent | dfml | dfedavg | dmlfl | asyncfl"),
     ("--dataset", "dataset", str, "fashion-mnist | mnist | idx | cifar10 | cifar100"),
     ("--data-dir", "data_dir", str, "directory holding the dataset files"),
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),
     ("--task", "task", str, "classes | binary:C1,C2,... | groups:A,B|C|...: what the clients learn from the labels"),
     ("--clients", "clients", int, "number of clients K"),
     ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2 | dmlcnn, or a,b,c assigned round-robin to the clients"),
+    ("--global-model", "global_model", str, "FML's global/meme model: a zoo name, or a part such as cnn2:encoder (default: the clients' model)"),
     ("--rounds", "rounds", int, "communication rounds T"),
     ("--local-epochs", "local_epochs", int, "local epochs E per round"),
     ("--batch-size", "batch_size", int, "mini-batch size B"),
@@ -68,7 +69,33 @@ def build_parser() -> argparse.ArgumentParser:
     p_part.add_argument("--download", action="store_true", default=None)
     p_part.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p_part.add_argument("--png", default=None, help="heat map path (default OUT/partition-<spec>-K<clients>-s<seed>.png)")
+    p_cl = sub.add_parser("clients", help="each personalized model under FML against the same model trained alone (tables and Fig. 5/6-style figures)")
+    p_cl.add_argument("fml_run", help="run directory of the FML run")
+    p_cl.add_argument("alone_run", help="run directory of the independent (or local) run on the same data")
+    p_cl.add_argument("--out", default=None, help="where clients.md and the figures go (default: the FML run directory)")
     return parser
+
+
+def _cmd_clients(ns: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fedmutual.config import load_file, validate
+    from fedmutual.engine.compare import per_client_report
+    from fedmutual.errors import ConfigError
+    from fedmutual.report.metrics import read_metrics
+
+    runs = [Path(ns.fml_run), Path(ns.alone_run)]
+    for r in runs:
+        if not (r / "metrics.jsonl").is_file() or not (r / "config.json").is_file():
+            raise ConfigError(f"{r}: not a run directory (needs metrics.jsonl and config.json)")
+    cfg = validate(load_file(runs[0] / "config.json"))
+    out = Path(ns.out) if ns.out else runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients, {cfg.model_label}"
+    text = per_client_report(cfg, read_metrics(runs[0] / "metrics.jsonl"), read_metrics(runs[1] / "metrics.jsonl"), out, title)
+    (out / "clients.md").write_text(text)
+    print(text)
+    print(f"figures: {out / 'clients.png'}, {out / 'clients-curves.png'}")
 
 
 def _cmd_partition(ns: argparse.Namespace) -> None:
@@ -100,6 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if ns.command == "partition":
             _cmd_partition(ns)
+            return 0
+        if ns.command == "clients":
+            _cmd_clients(ns)
             return 0
         from fedmutual.config import build_config
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmutual.errors import ConfigError
 from fedmutual.schedules import Schedule
 
-ALGORITHMS = ("fedavg", "fedprox", "local", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl")
+ALGORITHMS = ("fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl")
 
 
 class _Strict(BaseModel):
@@ -31,6 +31,15 @@ class FMLConfig(_Strict):
     beta: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
     weighted: bool = False  # the paper averages memes uniformly; True weighs by client samples
     temperature: float = Field(default=1.0, gt=0)
+    # widths of hidden layers of each client's adaptor head when the global model is partial; [] = one FC layer
+    adaptor_hidden: list[int] = Field(default_factory=list)
+
+    @field_validator("adaptor_hidden")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError(f"hidden widths must be >= 1, got {v}")
+        return v
 
 
 class FedAvgConfig(_Strict):
@@ -116,14 +125,15 @@ class AsyncFLConfig(_Strict):
 class Config(_Strict):
     """Everything that defines a run. Defaults follow the FML paper where it speaks."""
 
-    algorithm: Literal["fedavg", "fedprox", "local", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl"] = "fml"
+    algorithm: Literal["fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl"] = "fml"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = False
     partition: str = "shards:2"
-    task: str = "classes"  # what every client learns: classes, binary:C1,C2,... or groups:A,B|C|... (see data/tasks.py)
+    task: str | list[str] = "classes"  # what clients learn: classes, binary:C1,C2,..., groups:A,B|C|... (data/tasks.py); a list: per client, round-robin
     clients: int = Field(default=5, ge=1)
     model: str | list[str] = "lenet5"  # one name, "a,b,c" (round-robin over clients) or a list, one per client
+    global_model: str | None = None  # the global (and meme) architecture, "name" or "name:part"; default: the clients' model
     rounds: int = Field(default=10, ge=1)
     local_epochs: int = Field(default=1, ge=1)
     batch_size: int = Field(default=128, ge=1)
@@ -169,10 +179,15 @@ class Config(_Strict):
 
     @field_validator("task")
     @classmethod
-    def _task(cls, v: str) -> str:
+    def _task(cls, v: str | list[str]) -> str | list[str]:
         from fedmutual.data.tasks import parse_task
 
         try:
+            if isinstance(v, list):
+                if not v:
+                    raise ConfigError("an empty list; give one task, or one per client")
+                specs = [parse_task(t).spec for t in v]
+                return specs[0] if len(specs) == 1 else specs
             return parse_task(v).spec
         except ConfigError as e:
             raise ValueError(str(e)) from None
@@ -188,15 +203,37 @@ class Config(_Strict):
             raise ValueError(f"unknown model {', '.join(map(repr, bad))}; allowed: {', '.join(sorted(ZOO))}")
         return names[0] if len(names) == 1 else names
 
+    @field_validator("global_model")
+    @classmethod
+    def _global_model(cls, v: str | None) -> str | None:
+        from fedmutual.models import parse_model_spec
+
+        if v is None:
+            return None
+        try:
+            name, part = parse_model_spec(v)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
+        return name if part is None else f"{name}:{part}"
+
     def model_names(self) -> list[str]:
         """The architecture of each client's model: a list given per client, or names assigned round-robin."""
         names = [self.model] if isinstance(self.model, str) else list(self.model)
         return [names[k % len(names)] for k in range(self.clients)]
 
+    def task_specs(self) -> list[str]:
+        """Each client's task spec: one for everyone, or a list assigned round-robin (one per client)."""
+        specs = [self.task] if isinstance(self.task, str) else list(self.task)
+        return [specs[k % len(specs)] for k in range(self.clients)]
+
     @property
     def model_label(self) -> str:
-        """The model setting as one short string, e.g. ``lenet5`` or ``mlp+lenet5+cnn1``."""
-        return self.model if isinstance(self.model, str) else "+".join(self.model)
+        """The model setting as one short string, e.g. ``lenet5``, ``mlp+lenet5+cnn1`` or, for FML with
+        a global model of its own, ``mlp+cnn1-g-cnn2-encoder``."""
+        label = self.model if isinstance(self.model, str) else "+".join(self.model)
+        if self.global_model and self.algorithm == "fml":
+            label += "-g-" + self.global_model.replace(":", "-")
+        return label
 
     @property
     def heterogeneous(self) -> bool:

@@ -56,3 +56,31 @@ def test_partition_prints_the_label_table_and_saves_a_heat_map(tmp_path):
     r = fedmutual("partition", "--partition", "shards:2", "--clients", "5", "--png", str(png))
     assert r.returncode == 0, r.stderr
     assert "shards:2" in r.stdout and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_fml_with_independent_writes_per_client_results(tmp_path):
+    r = fedmutual("compare", "--algorithms", "fml,independent", "--clients", "2", "--model", "mlp,lenet5", "--global-model", "lenet5",
+                  "--partition", "iid", "--limit-train", "600", "--limit-test", "300", "--rounds", "2", "--threads", "1",
+                  "--out", str(tmp_path), "--name", "mh", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    md = (tmp_path / "mh" / "compare.md").read_text()
+    fml = [json.loads(line) for line in (tmp_path / "mh" / "fml" / "metrics.jsonl").read_text().splitlines()]
+    alone = [json.loads(line) for line in (tmp_path / "mh" / "independent" / "metrics.jsonl").read_text().splitlines()]
+    best = lambda rows, k: max(r["personal_acc"][k] for r in rows)  # noqa: E731
+    row = f"| 1: lenet5 | {100 * best(fml, 1):.2f} | {100 * fml[-1]['personal_acc'][1]:.2f} | {100 * best(alone, 1):.2f} |"
+    assert row in md, md
+    for name in ("clients.png", "clients-curves.png"):
+        assert (tmp_path / "mh" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same report from the two run directories
+    r = fedmutual("clients", str(tmp_path / "mh" / "fml"), str(tmp_path / "mh" / "independent"), "--out", str(tmp_path / "again"))
+    assert r.returncode == 0, r.stderr
+    assert row in (tmp_path / "again" / "clients.md").read_text() and (tmp_path / "again" / "clients.png").is_file()
+    r = fedmutual("clients", str(tmp_path / "nothing"), str(tmp_path / "mh" / "fml"))
+    assert r.returncode == 2 and "not a run directory" in r.stderr
+
+
+def test_heterogeneous_models_without_a_global_model_exit_2_and_write_nothing(tmp_path):
+    r = fedmutual("run", "--algorithm", "fml", "--model", "mlp,lenet5", "--limit-train", "100", "--limit-test", "50", "--rounds", "1",
+                  "--no-progress", "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "global_model: fml needs a global model" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()

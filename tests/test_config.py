@@ -53,3 +53,42 @@ def test_set_syntax_errors():
         apply_override({}, "rounds")
     with pytest.raises(ConfigError, match="does not exist"):
         build_config("/nonexistent/x.toml")
+
+
+def test_global_model_names_a_zoo_model_or_a_named_part():
+    assert validate({"global_model": "CNN2:Encoder"}).global_model == "cnn2:encoder"
+    assert validate({"global_model": "lenet5"}).global_model == "lenet5"
+    assert validate({}).global_model is None
+    with pytest.raises(ConfigError, match="global_model: unknown model part 'convs'.*allowed: encoder, features"):
+        validate({"global_model": "cnn2:convs"})
+
+
+def test_task_may_be_a_list_assigned_round_robin():
+    cfg = validate({"clients": 3, "task": ["classes", "groups:0,1|2,3,4,5,6,7,8,9"]})
+    assert cfg.task_specs() == ["classes", "groups:0,1|2,3,4,5,6,7,8,9", "classes"]
+    assert validate({"task": ["classes"]}).task == "classes"
+    with pytest.raises(ConfigError, match="task: an empty list"):
+        validate({"task": []})
+    with pytest.raises(ConfigError, match="task: task 'groups:0,1': .*"):
+        validate({"task": ["classes", "groups:0,1"]})
+
+
+def test_independent_is_an_algorithm_name():
+    assert validate({"algorithm": "independent"}).algorithm == "independent"
+
+
+def test_ready_fml_configs_load_and_dynamic_presets_move_alpha_down_and_beta_up():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    mh = build_config(root / "fml-mh-fmnist.toml")
+    assert mh.model_names() == ["mlp", "lenet5", "cnn1", "cnn2", "cnn2"] and mh.global_model == "lenet5" and mh.partition == "iid"
+    oh = build_config(root / "fml-oh-fmnist.toml")
+    assert oh.global_model == "cnn2:encoder" and oh.task_specs() == ["classes", "groups:0,2,4,6|1,3|5,7,9|8"]
+    for name in ("fml-dynamic-step.toml", "fml-dynamic-cosine.toml"):
+        cfg = build_config(root / name)
+        T = cfg.rounds
+        alphas = [cfg.fml.alpha.at(t, T) for t in range(T)]
+        betas = [cfg.fml.beta.at(t, T) for t in range(T)]
+        assert alphas == sorted(alphas, reverse=True) and alphas[0] > alphas[-1], name
+        assert betas == sorted(betas) and betas[0] < betas[-1], name

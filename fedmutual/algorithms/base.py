@@ -15,7 +15,7 @@ from fedmutual.errors import ConfigError
 from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd
 from fedmutual.losses import binary_cross_entropy, check_kl_mode, cross_entropy
-from fedmutual.models import build_model
+from fedmutual.models import adaptor_head, build_encoder, build_model, parse_model_spec
 from fedmutual.seeding import derive_seed
 from fedmutual.transport import InProcessTransport, Message
 
@@ -64,27 +64,74 @@ class Context:
         """Whether the run's task is binary: one sigmoid output, BCE, and a two-class KL."""
         return self.task is not None and self.task.binary
 
-    def kl_mode(self, requested: str = "auto", key: str = "kl") -> str:
-        """The KL mode for this run's models: ``auto`` is ``bernoulli`` on a binary task, else ``softmax``.
-
-        A mode that does not fit the task (``softmax`` on one output, a binary mode on several) is a ConfigError.
-        """
-        mode = ("bernoulli" if self.binary else "softmax") if requested == "auto" else requested
+    def kl_mode(self, requested: str = "auto", key: str = "kl", k: int | None = None) -> str:
+        """The KL mode for the run's models (client k's, when given): ``auto`` is ``bernoulli`` on a binary
+        task, else ``softmax``. A mode that does not fit (``softmax`` on one output, a binary mode on several)
+        is a ConfigError."""
+        task = self.task if k is None else self.client_task(k)
+        binary = task is not None and task.binary
+        mode = ("bernoulli" if binary else "softmax") if requested == "auto" else requested
         try:
-            check_kl_mode(mode, self.num_outputs)
+            check_kl_mode(mode, self.num_outputs if k is None else self.client_outputs(k))
         except ValueError as e:
-            raise ConfigError(f"{key}: {e} (task {self.cfg.task!r})") from None
+            raise ConfigError(f"{key}: {e} (task {task.spec if task else 'classes'!r})") from None
         return mode
 
-    def new_model(self, *stream: object, name: str | None = None) -> nn.Module:
+    def new_model(self, *stream: object, name: str | None = None, outputs: int | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
 
-        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`).
+        ``name`` defaults to the shared architecture (see :meth:`shared_model_name`),
+        ``outputs`` to the run's task's (:attr:`num_outputs`).
         """
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
-            model = build_model(name or self.shared_model_name(), self.input_shape, self.num_outputs)
+            model = build_model(name or self.shared_model_name(), self.input_shape, outputs or self.num_outputs)
         return model.to(self.device)
+
+    def client_task(self, k: int) -> Task | None:
+        """Client k's task (``task`` may list one per client); None: the dataset's own classes."""
+        return self.clients[k].task or self.task
+
+    def client_outputs(self, k: int) -> int:
+        """The number of outputs of client k's models: those of its task."""
+        task = self.client_task(k)
+        return task.num_outputs if task is not None else self.num_outputs
+
+    def one_task(self, what: str) -> None:
+        """Refuse clients with different tasks where ``what`` (e.g. one whole global model) must serve them all."""
+        specs = sorted({t.spec for t in (self.client_task(k) for k in range(len(self.clients))) if t is not None})
+        if len(specs) > 1:
+            raise ConfigError(
+                f"task: the clients' tasks differ ({'; '.join(specs)}), and {self.cfg.algorithm} has {what} for all of them; "
+                f"give FML a partial global model (e.g. global_model = \"cnn2:encoder\"), whose adaptor heads are per client"
+            )
+
+    def new_client_model(self, k: int, *stream: object) -> nn.Module:
+        """Client k's own architecture (``model``), with an output per class of client k's task."""
+        return self.new_model(*stream, name=self.client_model_name(k), outputs=self.client_outputs(k))
+
+    def new_encoder(self, *stream: object) -> nn.Sequential:
+        """The partial global model (``global_model = "name:part"``), freshly initialized from ``stream``."""
+        name, part = self._partial_spec()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            encoder, _ = build_encoder(name, part, self.input_shape)
+        return encoder.to(self.device)
+
+    def new_head(self, k: int, *stream: object) -> nn.Module:
+        """Client k's adaptor head on the partial global model, sized for client k's task."""
+        name, part = self._partial_spec()
+        with torch.random.fork_rng(devices=[]):
+            _, width = build_encoder(name, part, self.input_shape)
+            torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
+            head = adaptor_head(width, self.client_outputs(k), self.cfg.fml.adaptor_hidden)
+        return head.to(self.device)
+
+    def _partial_spec(self) -> tuple[str, str]:
+        name, part = self.global_model_spec()
+        if part is None:
+            raise ConfigError(f"global_model: {name!r} is a whole model, not a part such as {name}:encoder")
+        return name, part
 
     def client_model_name(self, k: int) -> str:
         """Client k's own architecture (``model`` may list several, assigned round-robin)."""
@@ -96,9 +143,25 @@ class Context:
         if len(set(names)) > 1:
             raise ConfigError(
                 f"model: {self.cfg.algorithm} averages weights, so every client needs the same architecture; "
-                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (dfml, local)."
+                f"got {', '.join(sorted(set(names)))}. Use one model name, or an algorithm for heterogeneous models (fml with global_model, dfml, local)."
             )
         return names[0]
+
+    def global_model_spec(self) -> tuple[str, str | None]:
+        """FML's global model: its architecture and named part (None = the whole model).
+
+        ``global_model`` when set, else the clients' model when they all share one.
+        """
+        if self.cfg.global_model is not None:
+            return parse_model_spec(self.cfg.global_model)
+        names = self.cfg.model_names()
+        if len(set(names)) > 1:
+            raise ConfigError(
+                f"global_model: {self.cfg.algorithm} needs a global model, and the clients' models differ "
+                f"({', '.join(sorted(set(names)))}); set global_model (e.g. --global-model lenet5 or cnn2:encoder), "
+                f"use one model name, or an algorithm without a global model (dfml, local, independent)."
+            )
+        return names[0], None
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         """SGD with momentum and weight decay (the FML paper's), or Adam (``optimizer = "adam"``, DML-FL's)."""
@@ -151,10 +214,11 @@ class Context:
             for g in m.optimizer.param_groups:
                 g["lr"] = self.lr_at(t)
         x, y = self.local_data(k, t)
+        kl = self.kl_mode(k=k)  # a binary task (one sigmoid output) trains with BCE and the Bernoulli KL
         return ClientJob(
             client=k, members=members, x=x, y=y, epochs=self.cfg.local_epochs,
             batch_size=self.cfg.batch_size, shuffle_seed=derive_seed(self.cfg.seed, "shuffle", k, t),
-            ce=binary_cross_entropy if self.binary else cross_entropy, kl=self.kl_mode(),
+            ce=cross_entropy if kl == "softmax" else binary_cross_entropy, kl=kl,
         )
 
     def train(self, jobs: list[ClientJob], t: int) -> list[JobResult]:
@@ -182,6 +246,8 @@ class Algorithm(ABC):
     """
 
     name = "base"
+    #: whether clients may hold different tasks (``task`` as a list); the runner refuses it otherwise
+    client_tasks = False
 
     def __init__(self, ctx: Context):
         self.ctx = ctx

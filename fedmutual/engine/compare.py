@@ -11,8 +11,8 @@ from typing import Sequence
 from fedmutual.config import Config
 from fedmutual.engine.runner import RunResult, prepare_data, run
 from fedmutual.errors import ConfigError
-from fedmutual.report.plots import plot_compare
-from fedmutual.report.tables import markdown_table, summary_rows
+from fedmutual.report.plots import plot_clients, plot_compare
+from fedmutual.report.tables import client_rows, markdown_table, summary_rows
 
 
 @dataclass
@@ -42,9 +42,36 @@ def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False) -> Comp
     table = f"Top-1 accuracy (%) — {title}\n\n" + markdown_table(header, rows) + "\n\n" \
         "best = maximum over rounds (optimistic); final = last round. global = the global model on the full test set; " \
         "clients test = each client's deployable model on the full test set (mean); personal val = the same on its own validation split.\n"
+    baseline = next((a for a in ("independent", "local") if a in runs), None)
+    if "fml" in runs and baseline is not None:
+        table += "\n" + per_client_report(cfg, runs["fml"].metrics, runs[baseline].metrics, out_dir, title)
     (out_dir / "compare.md").write_text(table)
     plot_compare({a: r.metrics for a, r in runs.items()}, out_dir / "compare.png", title)
     if not quiet:
         print(table)
         print(f"compare directory: {out_dir}")
     return CompareResult(out_dir, runs, table)
+
+
+def client_labels(cfg: Config) -> list[str]:
+    """A short name per client: its index, personalized architecture and, where clients differ, task."""
+    tasks = cfg.task_specs()
+    if len(set(tasks)) == 1:
+        return [f"{k}: {name}" for k, name in enumerate(cfg.model_names())]
+    return [f"{k}: {name}, {task}" for k, (name, task) in enumerate(zip(cfg.model_names(), tasks))]
+
+
+def per_client_report(cfg: Config, fml: list, baseline: list, out_dir: Path, title: str) -> str:
+    """Each personalized model under FML against the same model trained alone: tables (markdown,
+    returned) and the figures ``clients.png`` (the FML paper's Fig. 5 style: the baseline's best as a
+    dashed line) and ``clients-curves.png`` (Fig. 6 style: the baseline's curve), on the clients' own
+    validation splits."""
+    labels = client_labels(cfg)
+    parts = []
+    for key, what in (("personal_acc", "own validation split"), ("client_acc_global_test", "test set under the client's task")):
+        header, rows = client_rows(fml, baseline, key, labels)
+        parts.append(f"Personalized models, FML against the same model trained alone: {what}, top-1 (%); "
+                     f"gain = FML - alone, in points\n\n" + markdown_table(header, rows) + "\n")
+    plot_clients(fml, baseline, out_dir / "clients.png", labels, "personal_acc", "best", title)
+    plot_clients(fml, baseline, out_dir / "clients-curves.png", labels, "personal_acc", "curve", title)
+    return "\n".join(parts)

@@ -18,7 +18,7 @@ from fedmutual.algorithms import REGISTRY, Algorithm
 from fedmutual.algorithms.base import ClientData, Context, client_name
 from fedmutual.config import Config
 from fedmutual.data import ArrayDataset, load_dataset, partition, stratified_subset, validation_splits
-from fedmutual.data.tasks import parse_task
+from fedmutual.data.tasks import Task, parse_task
 from fedmutual.engine.cohort import accuracy, count_steps
 from fedmutual.engine.evaluation import shared_accuracies
 from fedmutual.engine.setup import configure_threads, resolve_device
@@ -85,6 +85,39 @@ def holdout_splits(parts: list[np.ndarray], fraction: float, seed: int) -> tuple
         train.append(np.sort(perm[n_val:]))
         val.append(np.sort(perm[:n_val]))
     return train, val
+
+
+def client_tasks(cfg: Config, dataset_classes: int) -> list[Task]:
+    """Each client's task, checked against the dataset; refused where the algorithm serves one task only."""
+    tasks = [parse_task(spec, dataset_classes) for spec in cfg.task_specs()]
+    if len(set(tasks)) > 1 and not REGISTRY[cfg.algorithm].client_tasks:
+        allowed = ", ".join(sorted(a for a, cls in REGISTRY.items() if cls.client_tasks))
+        raise ConfigError(
+            f"task: {cfg.algorithm} trains one model for every client, so the clients need one task; "
+            f"got {'; '.join(sorted({t.spec for t in tasks}))}. Per-client tasks work with {allowed}."
+        )
+    return tasks
+
+
+def client_data(data: Prepared, tasks: list[Task], device: torch.device) -> tuple[Task, list[ClientData]]:
+    """Each client's data on ``device``, labelled by its own task, and the run's task.
+
+    The run's task is the clients' task when they all share one, else the dataset's own classes.
+    A client's training, validation and test labels are the dataset's labels mapped by its task;
+    clients of the same task share one tensor of test labels.
+    """
+    task = tasks[0] if len(set(tasks)) == 1 else parse_task("classes", data.dataset.num_classes)
+    test_x = data.test_x.to(device)
+    test_y_of: dict[Task, torch.Tensor] = {}
+    for t in tasks:
+        test_y_of.setdefault(t, t.apply(data.test_y).to(device))
+    val_x, val_y = (data.train_x, data.train_y) if data.val_on_train else (data.test_x, data.test_y)
+    clients = [
+        ClientData(data.train_x[p].to(device), t.apply(data.train_y[p]).to(device), val_x[v].to(device),
+                   t.apply(val_y[v]).to(device), test_x, test_y_of[t], t)
+        for p, v, t in zip(data.parts, data.val, tasks)
+    ]
+    return task, clients
 
 
 def _run_dir(cfg: Config) -> Path:
@@ -160,6 +193,11 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset
+    task, clients = client_data(data, client_tasks(cfg, ds.num_classes), device)
+    test_x = clients[0].test_x  # the test set under the run's task, for a global model
+    test_y = clients[0].test_y if task == clients[0].task else task.apply(data.test_y).to(device)
+    ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task)
+    alg = REGISTRY[cfg.algorithm](ctx)  # refuses a bad setting before anything is written
     run_dir = _run_dir(cfg)
     write_json(run_dir / "config.json", cfg.to_dict())
     (run_dir / "partition.json").write_text(json.dumps({
@@ -169,16 +207,6 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | None = None) -> RunRe
     _log(f"fedmutual: {cfg.algorithm} on {ds.name} ({len(data.train_y)} train / {len(data.test_y)} test, from {ds.source}), "
          f"{cfg.clients} clients, {cfg.partition}, {cfg.model_label}, {cfg.rounds} rounds, device {device}, {threads} threads", quiet)
 
-    task = parse_task(cfg.task, ds.num_classes)
-    test_x, test_y = data.test_x.to(device), task.apply(data.test_y).to(device)
-    train_y = task.apply(data.train_y)
-    val_x, val_y = (data.train_x, train_y) if data.val_on_train else (data.test_x, task.apply(data.test_y))
-    clients = [
-        ClientData(data.train_x[p].to(device), train_y[p].to(device), val_x[v].to(device), val_y[v].to(device), test_x, test_y, task)
-        for p, v in zip(data.parts, data.val)
-    ]
-    ctx = Context(cfg, clients, ds.input_shape, task.num_classes, device, InProcessTransport(device), task=task)
-    alg = REGISTRY[cfg.algorithm](ctx)
     writer = MetricsWriter(run_dir / "metrics.jsonl")
     show = cfg.progress and not quiet
     rounds_bar = tqdm(total=cfg.rounds, desc="rounds", unit="round", disable=not show, file=sys.stderr, position=0)

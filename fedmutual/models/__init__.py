@@ -1,5 +1,5 @@
 """Model zoo."""
 
-from fedmutual.models.zoo import ZOO, build_model
+from fedmutual.models.zoo import PARTS, ZOO, adaptor_head, build_encoder, build_model, parse_model_spec, with_head
 
-__all__ = ["ZOO", "build_model"]
+__all__ = ["PARTS", "ZOO", "adaptor_head", "build_encoder", "build_model", "parse_model_spec", "with_head"]

@@ -8,7 +8,8 @@ serve as a shared encoder.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections import OrderedDict
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -127,3 +128,57 @@ def build_model(name: str, input_shape: InputShape, num_classes: int) -> nn.Modu
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     return ZOO[key](tuple(input_shape), num_classes)
+
+
+#: Named prefixes of a zoo model that can serve as a shared encoder (FML's partial global model).
+#: ``encoder``: every layer but the final classifier layer; ``features``: the layers up to and
+#: including the Flatten (the convolutional part).
+PARTS: tuple[str, ...] = ("encoder", "features")
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None]:
+    """``"cnn2"`` -> ``("cnn2", None)``; ``"cnn2:encoder"`` -> ``("cnn2", "encoder")``; ConfigError otherwise."""
+    name, _, part = spec.strip().lower().partition(":")
+    if name not in ZOO:
+        raise ConfigError(f"unknown model {name!r} in {spec!r}; allowed: {', '.join(sorted(ZOO))}")
+    if not part:
+        return name, None
+    if part not in PARTS:
+        raise ConfigError(f"unknown model part {part!r} in {spec!r}; allowed: {', '.join(PARTS)} (e.g. cnn2:encoder)")
+    if _split_point(ZOO[name]((1, 28, 28), 1), part) == 0:
+        raise ConfigError(f"model part {spec!r} has no trainable layers; use {name}:encoder")
+    return name, part
+
+
+def _split_point(model: nn.Sequential, part: str) -> int:
+    """How many leading layers of a zoo model form ``part``, counting only up to its last trainable layer."""
+    layers = list(model)
+    n = len(layers) - 1 if part == "encoder" else next(i + 1 for i, m in enumerate(layers) if isinstance(m, nn.Flatten))
+    return n if any(p.numel() for m in layers[:n] for p in m.parameters()) else 0
+
+
+def build_encoder(name: str, part: str, input_shape: InputShape) -> tuple[nn.Sequential, int]:
+    """The named prefix ``part`` of zoo model ``name`` and the size of its (flat) output.
+
+    The layers are built exactly as in the full model, so an encoder's parameters
+    are those of the full model's prefix under the same seed.
+    """
+    full = build_model(name, input_shape, 1)
+    encoder = nn.Sequential(*list(full)[: _split_point(full, part)])
+    return encoder, _flat_size(encoder, input_shape)
+
+
+def adaptor_head(in_features: int, num_outputs: int, hidden: Sequence[int] = ()) -> nn.Module:
+    """A client's adaptor head on a shared encoder: one FC layer, or FC -> ReLU -> ... -> FC with ``hidden`` widths."""
+    if not hidden:
+        return nn.Linear(in_features, num_outputs)
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.ReLU()]
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, num_outputs))
+
+
+def with_head(encoder: nn.Module, head: nn.Module) -> nn.Sequential:
+    """encoder -> head as one flat-keyed model: parameters ``encoder.*`` and ``head.*``."""
+    return nn.Sequential(OrderedDict(encoder=encoder, head=head))

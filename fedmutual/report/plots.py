@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -14,6 +15,7 @@ CURVES = (
     ("global_acc", "global model, test set"),
     ("client_acc_global_test_mean", "client models, test set (mean)"),
     ("current_acc_global_test_mean", "current client models, test set (mean)"),
+    ("meme_acc_global_test_mean", "global encoder + each client's head, own task's test set (mean)"),
     ("personal_acc_mean", "client models, own validation (mean)"),
 )
 
@@ -60,6 +62,43 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Pa
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_clients(
+    fml: Sequence[Mapping[str, Any]],
+    baseline: Sequence[Mapping[str, Any]],
+    path: str | Path,
+    labels: Sequence[str],
+    key: str = "personal_acc",
+    style: str = "best",
+    title: str = "",
+) -> None:
+    """Each client's accuracy per round under FML (solid) against the same model trained alone (dashed).
+
+    ``style="best"`` draws the baseline as a horizontal line at its best accuracy (the FML paper's
+    Fig. 5); ``style="curve"`` draws its whole curve (Fig. 6). One colour per client, named by ``labels``.
+    """
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, label in enumerate(labels):
+        color = colors[k % len(colors)]
+        pts = [(r["round"], 100.0 * r[key][k]) for r in fml if r.get(key) is not None and r[key][k] is not None]
+        base = [(r["round"], 100.0 * r[key][k]) for r in baseline if r.get(key) is not None and r[key][k] is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.5, label=f"{label}, FML")
+        if base and style == "best":
+            ax.axhline(max(b[1] for b in base), color=color, ls="--", lw=1, label=f"{label}, alone (best)")
+        elif base:
+            ax.plot([b[0] for b in base], [b[1] for b in base], color=color, ls="--", lw=1, label=f"{label}, alone")
+    ax.set_xlabel("round")
+    ax.set_ylabel("accuracy (%), " + ("own validation split" if key == "personal_acc" else "test set"))
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

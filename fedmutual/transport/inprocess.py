@@ -23,7 +23,7 @@ class InProcessTransport:
         self.received: dict[str, int] = defaultdict(int)
         self.record = record
         self.log: list[tuple[str, str, int, dict[str, str]]] = []  # (src, dst, bytes, meta) when record is on
-        self.messages: list[Message] = []  # what each receiver parsed, in the order of ``log``, when record is on
+        self.messages: list[tuple[str, str, Message]] = []  # (src, dst, what dst received) when record is on
 
     def send(self, src: str, dst: str, msg: Message) -> Message:
         data = encode(msg)
@@ -33,7 +33,7 @@ class InProcessTransport:
             self.log.append((src, dst, len(data), dict(msg.meta)))
         out = decode(data)
         if self.record:
-            self.messages.append(Message(dict(out.tensors), dict(out.meta)))
+            self.messages.append((src, dst, decode(data)))
         if self.device.type != "cpu":
             out.tensors = {k: v.to(self.device) for k, v in out.tensors.items()}
         return out

@@ -30,7 +30,7 @@ def test_conv_layers_two_rounds_then_dense_layers_accuracy_weighted(make_ctx):
         stats = alg.round(t, [0, 1, 2])
         expected = dense if t == 2 else conv
         assert stats["dense_round"] == float(t == 2)
-        msgs = list(zip(ctx.transport.log, ctx.transport.messages))
+        msgs = list(zip(ctx.transport.log, [m for _, _, m in ctx.transport.messages]))
         uploads = [(float(meta["val_acc"]), m.tensors) for (_, dst, _, meta), m in msgs if dst == "server"]
         replies = [m.tensors for (src, _, _, _), m in msgs if src == "server"]
         assert len(uploads) == len(replies) == 3

@@ -104,3 +104,48 @@ def test_a_task_maps_labels_in_training_and_evaluation(tmp_path):
     assert res.metrics[-1]["global_acc"] >= 0.80, res.metrics
     counts = json.loads((res.run_dir / "partition.json").read_text())["label_counts"]
     assert all(len(c) == 10 for c in counts)  # the partition is over the dataset's own classes
+
+
+def test_each_client_is_labelled_and_evaluated_under_its_own_task():
+    """Client 1's task groups T-shirt, pullover, coat and shirt (0, 2, 4, 6) against the rest."""
+    from torch import nn
+
+    from fedmutual.algorithms.base import Context
+    from fedmutual.engine.runner import client_data, client_tasks, evaluate, prepare_data
+    from fedmutual.transport import InProcessTransport
+
+    cfg = Config(algorithm="local", partition="iid", clients=2, limit_train=400, limit_test=200, task=["classes", "groups:0,2,4,6|1,3,5,7,8,9"])
+    data = prepare_data(cfg)
+    tasks = client_tasks(cfg, 10)
+    task, clients = client_data(data, tasks, torch.device("cpu"))
+    assert task.spec == "classes" and [d.task.num_classes for d in clients] == [10, 2]
+    upper = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0, 0, 0])  # dataset class -> class 0 (upper body) or 1, by hand
+    for d, p, v in zip(clients, data.parts, data.val):
+        raw_train, raw_val = data.train_y[torch.from_numpy(p)], data.test_y[torch.from_numpy(v)]
+        expect = (raw_train, raw_val, data.test_y) if d.task.num_classes == 10 else (1 - upper[raw_train], 1 - upper[raw_val], 1 - upper[data.test_y])
+        assert torch.equal(d.y, expect[0]) and torch.equal(d.val_y, expect[1]) and torch.equal(d.test_y, expect[2])
+
+    class Always0(nn.Module):  # predicts class 0 of its task for every image
+        def __init__(self, outputs):
+            super().__init__()
+            self.outputs = outputs
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), self.outputs).float()
+
+    class Fixed:
+        def global_model(self):
+            return None
+
+        def client_model(self, k):
+            return Always0(10 if k == 0 else 2)
+
+        def extra_models(self):
+            return {}
+
+    ctx = Context(cfg, clients, (1, 28, 28), 10, torch.device("cpu"), InProcessTransport())
+    out = evaluate(Fixed(), ctx, clients[0].test_x, clients[0].test_y)
+    share = lambda y, c: float((y == c).float().mean())  # noqa: E731
+    assert out["client_acc_global_test"] == pytest.approx([share(data.test_y, 0), float(upper[data.test_y].float().mean())])
+    assert out["client_acc_global_test"][1] == pytest.approx(0.4)  # 4 of 10 balanced classes are upper body
+    assert out["personal_acc"] == pytest.approx([share(clients[0].val_y, 0), share(clients[1].val_y, 0)])

@@ -141,6 +141,31 @@ def test_three_members_explicit_peers_temperature_and_per_client_weights():
     assert_same(jobs)
 
 
+def test_fml_pairs_of_different_architectures_and_encoder_head_memes():
+    """FML under heterogeneity: (personalized, meme) pairs whose members differ, as the loop trains them.
+
+    Clients 0 and 2 pair an MLP with a LeNet5 meme; client 1 pairs LeNet5 with a CNN1-encoder
+    meme plus a 3-way adaptor head (another task), so the cohort forms two groups.
+    """
+    from fedmutual.models import adaptor_head, build_encoder, with_head
+
+    torch.manual_seed(0)
+    shape, jobs = SHAPES["lenet5"], []
+    for k, n in enumerate((16, 11, 16)):
+        classes = 3 if k == 1 else 10
+        local = build_model("lenet5" if k == 1 else "mlp", shape, classes)
+        if k == 1:
+            encoder, width = build_encoder("cnn1", "encoder", shape)
+            meme = with_head(encoder, adaptor_head(width, classes, [7]))
+        else:
+            meme = build_model("lenet5", shape, classes)
+        members = [Member(local, sgd(local, 0.05, 0.9, 5e-4), 0.3, 0.7), Member(meme, sgd(meme, 0.05, 0.9, 5e-4), 0.6, 0.4)]
+        jobs.append(ClientJob(k, members, torch.randn(n, *shape), torch.randint(0, classes, (n,)), 2, 8, shuffle_seed=100 + k))
+    plan = plan_cohort(jobs, "stacked")
+    assert sorted(map(sorted, plan.groups)) == [[0, 2], [1]] and plan.loop == []
+    assert_same(jobs, rounds=2)
+
+
 def test_persistent_optimizer_continues_across_rounds():
     jobs = make_jobs(zoo("lenet5"), sizes=(16, 9))
     assert_same(jobs, rounds=2)
