@@ -162,3 +162,20 @@ def test_second_dataset_public_set_leaves_the_partitions_whole(make_ctx):
         assert ctx.local_data(k, 0)[0] is d.x
     with pytest.raises(ConfigError, match=r"public_dataset: fashion-mnist has inputs of shape \(1, 28, 28\)"):
         make_ctx(sizes=(30, 22), shape=(1, 8, 8), algorithm="dmlfl", dmlfl={"public_dataset": "fashion-mnist"}).round_data()
+
+
+def test_partial_participation_only_participants_publish_and_learn(make_ctx):
+    ctx = make_ctx(**HET, sample_fraction=0.5)
+    alg = DMLFL(ctx)
+    ctx.transport.log.clear()
+    parts = alg.sample(0)
+    assert len(parts) == 3
+    before = [[p.detach().clone() for p in m.parameters()] for m in alg.models]
+    alg.round(0, parts)
+    assert sorted(src for src, dst, _, _ in ctx.transport.log if dst == "server") == [f"client{k}" for k in parts]
+    for (src, dst, _, _), (_, _, msg) in zip(ctx.transport.log, ctx.transport.messages[-6:]):
+        if src == "server":
+            assert len(msg.tensors) == 2  # the two other participants' predictions
+    for k, m in enumerate(alg.models):
+        changed = any(not torch.equal(a, b) for a, b in zip(before[k], m.parameters()))
+        assert changed == (k in parts)
