@@ -11,13 +11,13 @@ from fedmutual.errors import FedmutualError
 
 # flag -> config key, for the flags shared by run and compare
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | independent | dfml | dfedavg"),
+    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | independent | dfml | dfedavg | dmlfl | asyncfl"),
     ("--dataset", "dataset", str, "fashion-mnist | mnist | idx | cifar10 | cifar100"),
     ("--data-dir", "data_dir", str, "directory holding the dataset files"),
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),
     ("--task", "task", str, "classes | binary:C1,C2,... | groups:A,B|C|...: what the clients learn from the labels"),
     ("--clients", "clients", int, "number of clients K"),
-    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2, or a,b,c assigned round-robin to the clients"),
+    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2 | dmlcnn, or a,b,c assigned round-robin to the clients"),
     ("--global-model", "global_model", str, "FML's global/meme model: a zoo name, or a part such as cnn2:encoder (default: the clients' model)"),
     ("--rounds", "rounds", int, "communication rounds T"),
     ("--local-epochs", "local_epochs", int, "local epochs E per round"),

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmutual.errors import ConfigError
 from fedmutual.schedules import Schedule
 
-ALGORITHMS = ("fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg")
+ALGORITHMS = ("fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl")
 
 
 class _Strict(BaseModel):
@@ -72,6 +72,56 @@ class DFedAvgConfig(_Strict):
     weighting: Literal["samples", "uniform"] = "samples"
 
 
+def parse_compression(spec: str) -> tuple[str, int]:
+    """``"none"``, ``"fp16"`` or ``"topk:K"`` (K >= 1) -> (kind, K); raises ValueError naming the forms."""
+    text = spec.strip().lower()
+    if text in ("none", "fp16"):
+        return text, 0
+    kind, _, arg = text.partition(":")
+    if kind == "topk" and arg.strip().isdigit() and int(arg) >= 1:
+        return "topk", int(arg)
+    raise ValueError(f"invalid compression {spec!r}; allowed: 'none', 'fp16' or 'topk:K' with an integer K >= 1 (e.g. 'topk:3')")
+
+
+class DMLFLConfig(_Strict):
+    """DML-FL (Gupta 2025): clients share predictions on a public set, never weights."""
+
+    public: Literal["dynamic", "static"] = "dynamic"  # dynamic: a fresh stratified fold every round
+    public_size: int | None = Field(default=None, ge=1)  # default: a fold, training samples // (clients + 1)
+    public_labels: bool = True  # False: the public set is unlabelled and trained with the KL only
+    public_dataset: str | None = None  # draw the public set from this dataset instead of carving it from the run's
+    collab_epochs: int = Field(default=1, ge=1)  # epochs on the public set; local epochs are `local_epochs`
+    kl: Literal["auto", "softmax", "bernoulli", "faithful"] = "auto"  # auto: softmax, or bernoulli on a binary task
+    kl_weight: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=1.0, gt=0)
+    compression: str = "none"  # "none" (float32), "fp16", or "topk:K" (K largest probabilities + their classes)
+    common_init: bool = True  # clients with the same architecture start from the same weights
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, v: str) -> str:
+        parse_compression(v)
+        return v.strip().lower()
+
+    @field_validator("public_dataset")
+    @classmethod
+    def _public_dataset(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from fedmutual.data.datasets import DATASETS
+
+        key = v.lower().replace("_", "-")
+        if key not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
+        return key
+
+
+class AsyncFLConfig(_Strict):
+    """The DML-FL authors' asynchronous weight updating: accuracy-weighted layers, dense or conv by round."""
+
+    dense_every: int = Field(default=3, ge=1)  # rounds t with t % dense_every == 0 (1-based) update dense layers
+
+
 class FaultsConfig(_Strict):
     """Simulated failing clients, drawn per round and client from the run seed (see fedmutual.faults)."""
 
@@ -109,7 +159,7 @@ class AggregationConfig(_Strict):
 class Config(_Strict):
     """Everything that defines a run. Defaults follow the FML paper where it speaks."""
 
-    algorithm: Literal["fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg"] = "fml"
+    algorithm: Literal["fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl"] = "fml"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = False
@@ -125,6 +175,8 @@ class Config(_Strict):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     weight_decay: float = Field(default=5e-4, ge=0)
     lr_schedule: Literal["constant", "step"] = "constant"
+    optimizer: Literal["sgd", "adam"] = "sgd"  # adam uses lr and weight_decay; momentum is SGD's only
+    local_data: Literal["partition", "folds"] = "partition"  # folds: a fresh stratified fold of the pool per round
     sample_fraction: float = Field(default=1.0, gt=0, le=1)
     seed: int = 0
     limit_train: int | None = Field(default=None, ge=1)
@@ -145,6 +197,8 @@ class Config(_Strict):
     fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
     dfml: DFMLConfig = Field(default_factory=DFMLConfig)
     dfedavg: DFedAvgConfig = Field(default_factory=DFedAvgConfig)
+    dmlfl: DMLFLConfig = Field(default_factory=DMLFLConfig)
+    asyncfl: AsyncFLConfig = Field(default_factory=AsyncFLConfig)
     checkpoint_every: int = Field(default=1, ge=0)  # write a checkpoint every N rounds; 0: never
     checkpoint_keep: int = Field(default=2, ge=1)  # newest checkpoints kept (older ones are a fallback)
     max_message_mb: float = Field(default=1024.0, gt=0)  # received messages larger than this are rejected unread

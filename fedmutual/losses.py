@@ -4,6 +4,14 @@
 
 with p = softmax(z / tau) and the teachers p_j detached. Every algorithm
 computes its client loss through :func:`mutual_loss`; there is no second KL.
+Teachers are live models of the cohort (``peers``) or fixed probabilities
+received from elsewhere (``teachers``, DML-FL's published predictions).
+
+KL modes (``kl``): ``"softmax"`` is the multi-class KL above. A binary model
+has one output z with q = sigmoid(z / tau); ``"bernoulli"`` is the full
+two-class KL p log(p/q) + (1-p) log((1-p)/(1-q)), and ``"faithful"`` keeps only
+its positive-class term p log(p/q), as the DML-FL authors' Keras code does (it
+can be negative and always pushes q up).
 
 Two shapes are accepted. Plain logits ``[B, C]`` with targets ``[B]`` give
 scalar losses (the batch mean). Stacked logits ``[K, B, C]`` with targets
@@ -86,11 +94,68 @@ def kl_divergence(
     return _kl(log_p, log_q, t, mask)
 
 
-def _kl(log_p: torch.Tensor, log_q: torch.Tensor, t: float, mask: torch.Tensor | None) -> torch.Tensor:
+def _kl(log_p: torch.Tensor, log_q: torch.Tensor, t: float, mask: torch.Tensor | None, mode: str = "softmax") -> torch.Tensor:
     """:func:`kl_divergence` from the softened log-probabilities of teacher (detached) and student."""
-    per_sample = (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+    terms = log_p.exp() * (log_p - log_q)
+    per_sample = terms[..., 1] if mode == "faithful" else terms.sum(dim=-1)
+    return _reduce(per_sample, t, mask)
+
+
+def _reduce(per_sample: torch.Tensor, t: float, mask: torch.Tensor | None) -> torch.Tensor:
     kl = per_sample.mean() if per_sample.dim() == 1 and mask is None else batch_mean(per_sample, mask)
     return kl * (t * t) if t != 1.0 else kl
+
+
+KL_MODES = ("softmax", "bernoulli", "faithful")
+
+
+def check_kl_mode(mode: str, outputs: int) -> None:
+    """Raise ValueError unless ``mode`` fits a model with ``outputs`` outputs."""
+    if mode not in KL_MODES:
+        raise ValueError(f"unknown KL mode {mode!r}; allowed: {', '.join(KL_MODES)}")
+    if mode == "softmax" and outputs < 2:
+        raise ValueError("kl = 'softmax' needs at least two outputs; a single-output (binary) model uses 'bernoulli' or 'faithful'")
+    if mode != "softmax" and outputs != 1:
+        raise ValueError(f"kl = {mode!r} is for a binary model with one sigmoid output, got {outputs} outputs")
+
+
+def log_probs(logits: torch.Tensor, mode: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+    """Softened log-probabilities over the classes the KL compares.
+
+    ``softmax``: log softmax(z / tau) over the C outputs. ``bernoulli`` and
+    ``faithful``: one output z, as the two classes [log(1 - q), log q] with
+    q = sigmoid(z / tau).
+    """
+    check_kl_mode(mode, logits.shape[-1])
+    if mode == "softmax":
+        return F.log_softmax(logits / temperature, dim=-1)
+    z = logits / temperature
+    return torch.cat([F.logsigmoid(-z), F.logsigmoid(z)], dim=-1)
+
+
+def published_probs(logits: torch.Tensor, mode: str = "softmax", temperature: float = 1.0) -> torch.Tensor:
+    """What a model publishes as its prediction: softmax(z / tau) over C outputs, or sigmoid(z / tau) for one output."""
+    if mode == "softmax":
+        return torch.softmax(logits / temperature, dim=-1)
+    return torch.sigmoid(logits / temperature)
+
+
+def fixed_teacher_kl(
+    probs: torch.Tensor, log_q: torch.Tensor, t: float, mask: torch.Tensor | None, mode: str = "softmax"
+) -> torch.Tensor:
+    """Sum over fixed teachers of KL(p_teacher || q), batch-averaged.
+
+    ``probs`` holds P published predictions per sample, ``[..., B, P, C]``
+    (softmax) or ``[..., B, P, 1]`` (sigmoid); ``log_q`` the student's
+    :func:`log_probs` ``[..., B, C']``. 0·log 0 counts as 0, so a teacher's
+    exact zeros (e.g. top-k compression) are fine.
+    """
+    p = probs.detach().to(log_q.dtype)
+    if mode != "softmax":
+        p = torch.cat([1 - p, p], dim=-1)
+    terms = torch.xlogy(p, p) - p * log_q.unsqueeze(-2)
+    per_teacher = terms[..., 1] if mode == "faithful" else terms.sum(dim=-1)
+    return _reduce(per_teacher.sum(dim=-1), t, mask)
 
 
 def _is_one(w: Weight) -> bool:
@@ -110,6 +175,8 @@ def mutual_loss(
     ce: CEFn = cross_entropy,
     peers: Sequence[Sequence[int]] | None = None,
     mask: torch.Tensor | None = None,
+    teachers: Sequence[torch.Tensor | None] | None = None,
+    kl: str = "softmax",
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Mutual-learning loss of a cohort of models on one mini-batch.
 
@@ -123,6 +190,11 @@ def mutual_loss(
     and ``mask`` marks the valid samples; the CE function then gets ``mask=``
     when a mask is given (see :func:`stackable`).
 
+    ``teachers[i]``, when given, holds fixed teacher probabilities for model i's
+    samples (``[B, P, C]``, or ``[K, B, P, C]`` stacked; already softened by
+    tau): model i's KL is then the mean over its live peers and its P fixed
+    teachers. ``kl`` picks the KL mode (module docstring).
+
     Returns the total (sum over models, and over clients when stacked) and the
     list of per-model losses.
     """
@@ -132,12 +204,18 @@ def mutual_loss(
     if peers is None:
         peers = [[j for j in range(n) if j != i] for i in range(n)]
     t = float(temperature)
-    log_probs: dict[int, torch.Tensor] = {}  # softened log-softmax per model, computed once (teachers detach it)
+    if kl != "softmax" or teachers is not None:
+        for z in logits:
+            check_kl_mode(kl, z.shape[-1])
+    cache: dict[int, torch.Tensor] = {}  # softened log-probabilities per model, computed once (teachers detach them)
+
+    def fresh(i: int) -> torch.Tensor:
+        return F.log_softmax(logits[i] / t, dim=-1) if kl == "softmax" else log_probs(logits[i], kl, t)
 
     def log_prob(i: int) -> torch.Tensor:
-        if i not in log_probs:
-            log_probs[i] = F.log_softmax(logits[i] / t, dim=-1)
-        return log_probs[i]
+        if i not in cache:
+            cache[i] = fresh(i)
+        return cache[i]
 
     losses: list[torch.Tensor] = []
     for i in range(n):
@@ -145,17 +223,29 @@ def mutual_loss(
         if _nonzero(w_ce[i]):
             ce_i = ce(logits[i], target) if mask is None else ce(logits[i], target, mask=mask)  # type: ignore[call-arg]
             loss = ce_i if _is_one(w_ce[i]) else w_ce[i] * ce_i
-        if _nonzero(w_kl[i]) and len(peers[i]) > 0:
+        fixed = None if teachers is None else teachers[i]
+        n_teachers = len(peers[i]) + (0 if fixed is None else fixed.shape[-2])
+        if _nonzero(w_kl[i]) and n_teachers > 0:
             # = sum of kl_divergence(z_j, z_i). A student taught by several peers gets a fresh
             # log-softmax per term, so that its gradient sums exactly as it always did.
             several = len(peers[i]) > 1
-            kl = sum(_kl(log_prob(j).detach(), F.log_softmax(logits[i] / t, dim=-1) if several else log_prob(i), t, mask)
-                     for j in peers[i])
-            term = w_kl[i] * kl / len(peers[i])
+            div = sum(_kl(log_prob(j).detach(), fresh(i) if several else log_prob(i), t, mask, kl) for j in peers[i])
+            if fixed is not None:
+                div = div + fixed_teacher_kl(fixed, log_prob(i), t, mask, kl)
+            term = w_kl[i] * div / n_teachers
             loss = term if loss is None else loss + term
         losses.append(logits[i].new_zeros(logits[i].shape[:-2]) if loss is None else loss)
     total = losses[0].sum() if n == 1 else torch.stack(losses).sum()
     return total, losses
+
+
+@stackable
+def binary_cross_entropy(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean BCE of one sigmoid output (logits ``[..., B, 1]``) against 0/1 targets ``[..., B]``; per client when stacked."""
+    if logits.shape[-1] != 1:
+        raise ValueError(f"binary cross-entropy needs one output per sample, got {logits.shape[-1]}")
+    per_sample = F.binary_cross_entropy_with_logits(logits.squeeze(-1), target.to(logits.dtype), reduction="none")
+    return batch_mean(per_sample, mask)
 
 
 def class_shares(target: torch.Tensor, num_classes: int) -> torch.Tensor:

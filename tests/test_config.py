@@ -22,7 +22,7 @@ def test_unknown_key_is_named():
 def test_invalid_values_name_the_key_and_the_allowed_values():
     with pytest.raises(ConfigError, match=r"algorithm: invalid value 'fedsgd'; allowed: 'fedavg', 'fedprox', 'local'.*'fml'"):
         validate({"algorithm": "fedsgd"})
-    with pytest.raises(ConfigError, match=r"model: unknown model 'resnet'; allowed: cnn1, cnn2, lenet5, mlp"):
+    with pytest.raises(ConfigError, match=r"model: unknown model 'resnet'; allowed: cnn1, cnn2, dmlcnn, lenet5, mlp"):
         validate({"model": "resnet"})
     with pytest.raises(ConfigError, match=r"lr: Input should be greater than 0"):
         validate({"lr": 0})

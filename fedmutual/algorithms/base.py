@@ -14,8 +14,10 @@ from fedmutual import aggregation
 from fedmutual.config import Config
 from fedmutual.data.tasks import Task
 from fedmutual.errors import ConfigError, FedmutualError
+from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import ClientJob, JobResult, Member, run_cohort, sgd, train_job
 from fedmutual.faults import RoundEvents, RoundPlan, attackers, corrupt
+from fedmutual.losses import binary_cross_entropy, check_kl_mode, cross_entropy
 from fedmutual.models import adaptor_head, build_encoder, build_model, parse_model_spec
 from fedmutual.seeding import derive_seed
 from fedmutual.transport import InProcessTransport, Message, MessageRejected
@@ -53,6 +55,7 @@ class Context:
     transport: InProcessTransport
     on_step: Callable[[], None] | None = None
     task: Task | None = None  # the run's task; None: the dataset's own classes
+    _rounds: RoundData | None = field(default=None, init=False, repr=False)
     log: Callable[[str], None] = lambda msg: print(msg, file=sys.stderr, flush=True)
     round: int = 0
     plan: RoundPlan = field(default_factory=RoundPlan)
@@ -75,6 +78,24 @@ class Context:
     def num_outputs(self) -> int:
         """Outputs of the run's models: one per class, or 1 for a binary task."""
         return self.task.num_outputs if self.task is not None else self.num_classes
+
+    @property
+    def binary(self) -> bool:
+        """Whether the run's task is binary: one sigmoid output, BCE, and a two-class KL."""
+        return self.task is not None and self.task.binary
+
+    def kl_mode(self, requested: str = "auto", key: str = "kl", k: int | None = None) -> str:
+        """The KL mode for the run's models (client k's, when given): ``auto`` is ``bernoulli`` on a binary
+        task, else ``softmax``. A mode that does not fit (``softmax`` on one output, a binary mode on several)
+        is a ConfigError."""
+        task = self.task if k is None else self.client_task(k)
+        binary = task is not None and task.binary
+        mode = ("bernoulli" if binary else "softmax") if requested == "auto" else requested
+        try:
+            check_kl_mode(mode, self.num_outputs if k is None else self.client_outputs(k))
+        except ValueError as e:
+            raise ConfigError(f"{key}: {e} (task {task.spec if task else 'classes'!r})") from None
+        return mode
 
     def new_model(self, *stream: object, name: str | None = None, outputs: int | None = None) -> nn.Module:
         """A freshly initialized model whose weights depend only on the run seed and ``stream``.
@@ -166,7 +187,42 @@ class Context:
         return names[0], None
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        """SGD with momentum and weight decay (the FML paper's), or Adam (``optimizer = "adam"``, DML-FL's)."""
+        if self.cfg.optimizer == "adam":
+            return torch.optim.Adam(model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
         return sgd(model, self.cfg.lr, self.cfg.momentum, self.cfg.weight_decay)
+
+    def round_data(self) -> RoundData:
+        """The per-round folds and public sets (:mod:`fedmutual.data.folds`), built on first use.
+
+        With ``local_data = "folds"`` every algorithm holds out the round's public
+        fold as DML-FL does (settings ``dmlfl.public*``), so all methods train on
+        the same local folds.
+        """
+        if self._rounds is None:
+            d = self.cfg.dmlfl
+            external = None
+            if d.public_dataset is not None:
+                external = load_public_dataset(
+                    d.public_dataset, self.cfg.data_dir, self.cfg.download, self.input_shape, d.public_labels,
+                    self.device, self.task,
+                )
+            self._rounds = RoundData(
+                [(c.x, c.y) for c in self.clients], self.cfg.seed, self.cfg.local_data == "folds", d.public == "dynamic",
+                d.public_size, carve=True, external=external,
+            )
+        return self._rounds
+
+    def local_data(self, k: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Client k's training data in round t: its partition, or the round's fold (``local_data = "folds"``).
+
+        DML-FL with a public set carved from the training set also leaves out the
+        round's public samples from a client's partition.
+        """
+        if self.cfg.local_data == "partition" and (self.cfg.algorithm != "dmlfl" or self.cfg.dmlfl.public_dataset):
+            d = self.clients[k]
+            return d.x, d.y
+        return self.round_data().local(k, t)
 
     def lr_at(self, t: int) -> float:
         """The learning rate of round t: constant, or x0.1 at T/3 and 2T/3 (``lr_schedule = "step"``)."""
@@ -180,10 +236,12 @@ class Context:
         for m in members:
             for g in m.optimizer.param_groups:
                 g["lr"] = self.lr_at(t)
-        d = self.clients[k]
+        x, y = self.local_data(k, t)
+        kl = self.kl_mode(k=k)  # a binary task (one sigmoid output) trains with BCE and the Bernoulli KL
         return ClientJob(
-            client=k, members=members, x=d.x, y=d.y, epochs=self.cfg.local_epochs,
+            client=k, members=members, x=x, y=y, epochs=self.cfg.local_epochs,
             batch_size=self.cfg.batch_size, shuffle_seed=derive_seed(self.cfg.seed, "shuffle", k, t),
+            ce=cross_entropy if kl == "softmax" else binary_cross_entropy, kl=kl,
         )
 
     def train(self, jobs: list[ClientJob], t: int) -> list[JobResult]:

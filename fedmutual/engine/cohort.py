@@ -37,7 +37,13 @@ class Member:
 
 @dataclass
 class ClientJob:
-    """What one client trains this round: its members, its data, and its shuffling stream."""
+    """What one client trains this round: its members, its data, and its shuffling stream.
+
+    ``teachers[i]``, if set, holds fixed teacher probabilities for member i,
+    one row per sample of ``x`` (``[N, P, C]``): each mini-batch takes the rows
+    of its samples (DML-FL's received predictions). ``kl`` is the KL mode of
+    :func:`fedmutual.losses.mutual_loss`.
+    """
 
     client: int
     members: list[Member]
@@ -49,6 +55,8 @@ class ClientJob:
     temperature: float = 1.0
     ce: CEFn = cross_entropy
     peers: Sequence[Sequence[int]] | None = None
+    teachers: Sequence[torch.Tensor | None] | None = None
+    kl: str = "softmax"
 
 
 @dataclass
@@ -80,9 +88,10 @@ def train_job(job: ClientJob, round: int, on_step: Callable[[], None] | None = N
             idx = idx.to(job.x.device)
             xb, yb = job.x[idx], job.y[idx]
             logits = [m.model(xb) for m in job.members]
+            teachers = None if job.teachers is None else [None if T is None else T[idx] for T in job.teachers]
             total, parts = mutual_loss(
                 logits, yb, [m.w_ce for m in job.members], [m.w_kl for m in job.members],
-                job.temperature, job.ce, job.peers,
+                job.temperature, job.ce, job.peers, teachers=teachers, kl=job.kl,
             )
             for m in job.members:
                 if m.prox_mu and m.prox_ref is not None:

@@ -30,7 +30,7 @@ from fedmutual.faults import plan_round
 from fedmutual.report.metrics import MetricsWriter, summarize, write_json
 from fedmutual.report.plots import plot_run
 from fedmutual.report.tables import markdown_table, summary_rows
-from fedmutual.seeding import numpy_rng
+from fedmutual.seeding import derive_seed, numpy_rng
 from fedmutual.transport import InProcessTransport
 
 
@@ -216,6 +216,7 @@ def resume(run_dir: str | Path, quiet: bool = False, data: Prepared | None = Non
 
 def _execute(cfg: Config, quiet: bool, data: Prepared | None, resume_dir: Path | None) -> RunResult:
     threads = configure_threads(cfg.threads)
+    torch.manual_seed(derive_seed(cfg.seed, "torch"))  # the global generator draws dropout masks
     device = resolve_device(cfg.device)
     data = data or prepare_data(cfg)
     ds = data.dataset

@@ -116,7 +116,11 @@ def job_key(job: ClientJob) -> tuple[Any, ...] | None:
             return None
         members.append((arch, spec, foot, sum(p.numel() for p in m.model.parameters())))
     peers = None if job.peers is None else tuple(tuple(int(i) for i in p) for p in job.peers)
-    return (tuple(members), sample, str(job.x.dtype), str(job.x.device), id(job.ce), float(job.temperature), peers)
+    teachers = None if job.teachers is None else tuple(
+        None if T is None else (tuple(T.shape[1:]), str(T.dtype), str(T.device)) for T in job.teachers
+    )
+    return (tuple(members), sample, str(job.x.dtype), str(job.x.device), id(job.ce), float(job.temperature), peers,
+            teachers, job.kl)
 
 
 def clients_per_chunk(batch: int, members: Sequence[tuple[Any, ...]]) -> int:
@@ -287,6 +291,9 @@ def train_chunk(
     index = index.to(device)
     xbuf = first.x.new_empty((c, width, *first.x.shape[1:]))  # reused every step: a batch is gathered once
     ybuf = first.y.new_empty((c, width))
+    tbufs = None if first.teachers is None else [  # fixed teacher probabilities, gathered like x
+        None if T is None else T.new_empty((c, width, *T.shape[1:])) for T in first.teachers
+    ]
     # per step: active clients (a prefix, as clients are sorted), batch width, valid counts if ragged
     layout: list[tuple[int, int, torch.Tensor | None]] = []
     for s in range(steps[0]):
@@ -305,7 +312,11 @@ def train_chunk(
         for j in range(a):
             torch.index_select(jobs[j].x, 0, index[s, j, :b], out=xbuf[j, :b])
             torch.index_select(jobs[j].y, 0, index[s, j, :b], out=ybuf[j, :b])
+            for i, buf in enumerate(tbufs or []):
+                if buf is not None:
+                    torch.index_select(jobs[j].teachers[i], 0, index[s, j, :b], out=buf[j, :b])  # type: ignore[index]
         xb, yb = xbuf[:a, :b], ybuf[:a, :b]
+        tb = None if tbufs is None else [None if buf is None else buf[:a, :b] for buf in tbufs]
         logits: list[torch.Tensor] = [None] * n_members  # type: ignore[list-item]
         prox: list[torch.Tensor] = []
         for st in stacks:
@@ -317,7 +328,7 @@ def train_chunk(
                 prox.append(st.model.prox(st.refs, _first(st.mu, a * n), a * n).view(a, n).sum(1))
         total, parts = mutual_loss(
             logits, yb, [_first(w, a) for w in w_ce], [_first(w, a) for w in w_kl],
-            first.temperature, first.ce, first.peers, mask,
+            first.temperature, first.ce, first.peers, mask, teachers=tb, kl=first.kl,
         )
         for p in prox:
             total = total + p.sum()

@@ -1,4 +1,4 @@
-"""The model zoo of ALGORITHMS.md: MLP, LeNet5, CNN1 and CNN2.
+"""The model zoo of ALGORITHMS.md: MLP, LeNet5, CNN1, CNN2 and DML-FL's CNN (``dmlcnn``).
 
 Every zoo model is a flat ``nn.Sequential`` of standard layers. That keeps the
 ``state_dict`` keys plain (``"0.weight"``, ...), lets the engine convert a group
@@ -88,11 +88,35 @@ def cnn2(input_shape: InputShape, num_classes: int) -> nn.Sequential:
     return nn.Sequential(*features, nn.Linear(n, num_classes))
 
 
+def dmlcnn(input_shape: InputShape, num_classes: int) -> nn.Sequential:
+    """The DML-FL authors' CNN (Gupta 2025): three unpadded 3x3 convs (32, 64, 64 channels, each
+    followed by ReLU; maxpool 2 after the first two), then dropout 0.2 -> FC 64 -> ReLU -> dropout 0.2
+    -> FC C. Built for 3x100x100 inputs; 28x28 and 32x32 inputs give a 3x3 and a 4x4 final map.
+    With one output (a binary task) the output is the sigmoid's logit."""
+    c = input_shape[0]
+    features = nn.Sequential(
+        nn.Conv2d(c, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(64, 64, 3),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+    n = _flat_size(features, input_shape)
+    return nn.Sequential(
+        *features, nn.Dropout(0.2), nn.Linear(n, 64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, num_classes)
+    )
+
+
 ZOO: dict[str, Callable[[InputShape, int], nn.Sequential]] = {
     "mlp": mlp,
     "lenet5": lenet5,
     "cnn1": cnn1,
     "cnn2": cnn2,
+    "dmlcnn": dmlcnn,
 }
 
 

@@ -137,3 +137,23 @@ def test_shared_predictions_gathered_and_reduced_robustly(make_ctx):
     bad = ctx.gather("client0", {1: {"probs": torch.ones(5, 4) / 4}}, like=like, content="probabilities")
     assert bad == {} and ctx.events.rejected[-1] == {"client": 1, "reason": "tensor 'probs' has shape [5, 4], expected [6, 4]"}
     assert ctx.events.skipped  # 0 valid replies < min_replies = 1
+
+
+def test_dmlfl_uses_the_predictions_it_has(tmp_path):
+    """DML-FL on real Fashion-MNIST: NaN predictions are rejected and crashed clients publish nothing; the run goes on."""
+    from fedmutual.config import Config
+    from fedmutual.engine.runner import run
+
+    cfg = Config(algorithm="dmlfl", clients=4, model="mlp", limit_train=800, limit_test=200, rounds=3, batch_size=32,
+                 partition="iid", progress=False, threads=1, out=str(tmp_path), dmlfl={"public_size": 100},
+                 attack={"kind": "nan", "clients": [1]}, faults={"crash": 0.3}, aggregation={"rule": "median"})
+    res = run(cfg, quiet=True)
+    for row in res.metrics:
+        f = row["faults"]
+        if 1 not in f["crashed"]:
+            assert {"client": 1, "reason": "tensor 'probs' has 400 non-finite values (NaN or Inf)"} in f["rejected"]
+        assert row["bytes_up_per_client"][1] > 0 or 1 in f["crashed"]
+        for k in f["crashed"]:
+            assert row["bytes_up_per_client"][k] == 0  # a crashed client publishes nothing
+    assert any(row["faults"]["crashed"] for row in res.metrics)
+    assert res.summary["status"] == "completed" and res.metrics[-1]["client_acc_global_test_mean"] > 0.5

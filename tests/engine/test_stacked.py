@@ -14,7 +14,7 @@ from fedmutual.engine.cohort import ClientJob, Member, count_steps, run_cohort, 
 from fedmutual.engine.stacked import plan_cohort
 from fedmutual.engine.stacking import StackedModel, architecture, optimizer_spec
 from fedmutual.errors import NonFiniteLossError
-from fedmutual.losses import cross_entropy
+from fedmutual.losses import binary_cross_entropy, cross_entropy
 from fedmutual.models import build_model
 
 SHAPES = {"mlp": (1, 12, 12), "lenet5": (1, 12, 12), "cnn1": (1, 12, 12), "cnn2": (1, 12, 12)}
@@ -430,3 +430,47 @@ def test_stacked_models_are_freed_when_the_cohort_ends(monkeypatch):
         assert made and all(opt() is None and param() is None for opt, param in made)
     finally:
         gc.enable()
+
+
+# --- fixed teacher probabilities (DML-FL) ------------------------------------------------------
+
+
+def _with_teachers(jobs: list[ClientJob], outputs: int, peers: int = 3, kl: str = "softmax", binary: bool = False):
+    g = torch.Generator().manual_seed(7)
+    for job in jobs:
+        z = torch.randn(len(job.y), peers, outputs, generator=g)
+        job.teachers = [torch.sigmoid(z) if binary else torch.softmax(z, -1)]
+        job.kl = kl
+        if binary:
+            job.ce, job.y = binary_cross_entropy, job.y % 2
+    return jobs
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn1", "dmlcnn"])
+def test_fixed_teachers_softmax_kl_stacked_equals_loop(name):
+    build = lambda: _no_dropout(build_model(name, (1, 20, 20), 10))  # noqa: E731
+    jobs = make_jobs(build, sizes=(16, 11, 23), weights=((1.0, 0.7),), opt="adam", lr=1e-3, weight_decay=0.0, shape=(1, 20, 20))
+    assert_same(_with_teachers(jobs, 10), rounds=2)
+
+
+@pytest.mark.parametrize("kl", ["bernoulli", "faithful"])
+def test_fixed_teachers_binary_kl_and_bce_stacked_equals_loop(kl):
+    build = lambda: _no_dropout(build_model("dmlcnn", (1, 20, 20), 1))  # noqa: E731
+    jobs = make_jobs(build, sizes=(16, 9, 20), weights=((1.0, 1.0),), classes=2, shape=(1, 20, 20))
+    assert_same(_with_teachers(jobs, 1, peers=4, kl=kl, binary=True))
+
+
+def test_fixed_teachers_unlabelled_kl_only_and_the_job_key():
+    jobs = _with_teachers(make_jobs(zoo("lenet5"), sizes=(16, 12), weights=((0.0, 1.0),)), 10, peers=2)
+    assert_same(jobs)
+    # different teacher counts or KL modes never share a stack
+    other = _with_teachers(make_jobs(zoo("lenet5"), sizes=(16,), weights=((0.0, 1.0),)), 10, peers=3)
+    assert len(plan_cohort(jobs + other, "stacked").groups) == 2
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout draws different masks on the two paths; p = 0 makes them comparable."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
