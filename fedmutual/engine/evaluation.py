@@ -28,11 +28,17 @@ EVAL_PARAMETER_BUDGET = 64 << 20
 EVAL_MIN_BATCH = 32  # fewer models per call rather than batches smaller than this
 
 
+_traces: dict[tuple[Any, ...], Any] = {}
+
+
 def _stack_key(model: nn.Module, x: torch.Tensor) -> tuple[Any, ...] | None:
     arch = architecture(model)
     if arch is None or arch[1:] != (str(x.dtype), str(x.device)) or x.dim() < 2:
         return None
-    foot = trace(model, tuple(x.shape[1:]))
+    key = (arch, tuple(x.shape[1:]))
+    if key not in _traces:  # one trace per architecture and sample shape
+        _traces[key] = trace(model, key[1])
+    foot = _traces[key]
     return None if foot is None else (arch, foot)
 
 
