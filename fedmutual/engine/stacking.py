@@ -28,6 +28,7 @@ stackable (``None``), and the engine trains it with the plain loop.
 from __future__ import annotations
 
 import weakref
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Sequence
 
@@ -216,7 +217,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 # Stacked layers
 
 
-class _Layer:
+class _Layer(ABC):
     """One stacked layer: its stacked tensors and its forward on ``m`` active models."""
 
     params: dict[str, torch.Tensor] = {}
@@ -224,8 +225,9 @@ class _Layer:
     transposed: tuple[str, ...] = ()  # parameters stored as the transpose of their member layout
     training: bool = True  # False: BatchNorm uses its running statistics, Dropout is the identity
 
+    @abstractmethod
     def forward(self, h: torch.Tensor, m: int, mask: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
+        """The layer's output for the stacked activations ``h`` of ``m`` models (``mask``: valid samples)."""
 
 
 def _stack(tensors: Sequence[torch.Tensor], grad: bool) -> torch.Tensor:
@@ -534,7 +536,7 @@ def optimizer_spec(opt: torch.optim.Optimizer, model: nn.Module) -> OptimSpec | 
 _DIFF = object()
 
 
-class StackedOptimizer:
+class StackedOptimizer(ABC):
     """The members' optimizers as one update on the stacked parameters; state read from and written back to them."""
 
     def __init__(self, spec: OptimSpec, stack: StackedModel, optimizers: Sequence[torch.optim.Optimizer]):
@@ -593,8 +595,9 @@ class StackedOptimizer:
             self._update(i, _rows(p, self.active), _rows(p.grad, self.active))
             p.grad = None
 
+    @abstractmethod
     def _update(self, i: int, w: torch.Tensor, g: torch.Tensor) -> None:
-        raise NotImplementedError
+        """Apply the optimizer's update to the active rows ``w`` of parameter ``i`` with gradient ``g``."""
 
     def step(self, m: int) -> None:
         """One optimizer step of the first ``m`` models (after a backward pass without :meth:`update_in_backward`)."""
@@ -616,8 +619,9 @@ class StackedOptimizer:
             for i, p in enumerate(self.params)
         ]
 
+    @abstractmethod
     def write_back(self) -> None:
-        raise NotImplementedError
+        """Write the stacked optimizer state back into each member's own ``torch.optim`` optimizer."""
 
 
 _FUSED_SGD = hasattr(torch, "_fused_sgd_")
