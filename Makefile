@@ -20,7 +20,11 @@ data:
 run: setup data
 	$(PY) -m fedmutual run
 
+# Packages type-checked by `make test` (settings: [tool.mypy] in pyproject.toml).
+MYPY_PATHS ?= fedmutual/engine
+
 test: setup data
+	$(PY) -m mypy $(MYPY_PATHS)
 	$(PY) -m pytest -q
 
 test-all: setup data

@@ -11,13 +11,13 @@ from fedmutual.errors import FedmutualError
 
 # flag -> config key, for the flags shared by run and compare
 _FLAGS: list[tuple[str, str, type, str]] = [
-    ("--algorithm", "algorithm", str, "fml | fedavg | fedprox | local | independent | dfml | dfedavg | dmlfl | asyncfl"),
-    ("--dataset", "dataset", str, "fashion-mnist | mnist | idx | cifar10 | cifar100"),
+    ("--algorithm", "algorithm", str, "{algorithms}, or an import string mypackage.module:Class"),
+    ("--dataset", "dataset", str, "{datasets}, or an import string"),
     ("--data-dir", "data_dir", str, "directory holding the dataset files"),
     ("--partition", "partition", str, "iid | shards:P | dirichlet:A"),
     ("--task", "task", str, "classes | binary:C1,C2,... | groups:A,B|C|...: what the clients learn from the labels"),
     ("--clients", "clients", int, "number of clients K"),
-    ("--model", "model", str, "mlp | lenet5 | cnn1 | cnn2 | dmlcnn, or a,b,c assigned round-robin to the clients"),
+    ("--model", "model", str, "{models} or an import string, or a,b,c assigned round-robin to the clients"),
     ("--global-model", "global_model", str, "FML's global/meme model: a zoo name, or a part such as cnn2:encoder (default: the clients' model)"),
     ("--rounds", "rounds", int, "communication rounds T"),
     ("--local-epochs", "local_epochs", int, "local epochs E per round"),
@@ -36,12 +36,24 @@ _FLAGS: list[tuple[str, str, type, str]] = [
 ]
 
 
+def _help(text: str) -> str:
+    """Fill the registries' current names into a help text (no list of names is written twice)."""
+    if "{" not in text:
+        return text
+    from fedmutual.data.datasets import DATASETS
+    from fedmutual.models import MODELS
+    from fedmutual.registry import ALGORITHMS
+
+    return text.format(algorithms=" | ".join(ALGORITHMS.names()), models=" | ".join(MODELS.names()),
+                       datasets=" | ".join(DATASETS.names()))
+
+
 def _add_run_options(p: argparse.ArgumentParser, with_algorithm: bool = True) -> None:
     p.add_argument("--config", help="TOML or JSON config file (a run's config.json reproduces it)")
     for flag, key, typ, help_ in _FLAGS:
         if flag == "--algorithm" and not with_algorithm:
             continue
-        p.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+        p.add_argument(flag, dest=key, type=typ, default=None, help=_help(help_))
     p.add_argument("--download", action="store_true", default=None, help="download the dataset into the cache if it is missing")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None, help="no progress bars")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
@@ -54,7 +66,10 @@ def _overrides(ns: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedmutual", description="Federated mutual learning: FML, DFML, FedAvg, FedProx, decentralized FedAvg and local training.")
+    from fedmutual.registry import ALGORITHMS
+
+    parser = argparse.ArgumentParser(prog="fedmutual", description="Federated mutual learning and its baselines. "
+                                     f"Algorithms: {', '.join(ALGORITHMS.names())}; each runs on the in-process runtime.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command")
     p_run = sub.add_parser("run", help="run one experiment (default: FML on Fashion-MNIST, 5 clients, shards:2, LeNet5)")
@@ -67,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_part = sub.add_parser("partition", help="show how a partition splits the labels among clients, and save a heat map")
     for flag, key, typ, help_ in _FLAGS:
         if key in ("dataset", "data_dir", "partition", "clients", "seed", "limit_train", "limit_test", "out"):
-            p_part.add_argument(flag, dest=key, type=typ, default=None, help=help_)
+            p_part.add_argument(flag, dest=key, type=typ, default=None, help=_help(help_))
     p_part.add_argument("--config", help="TOML or JSON config file")
     p_part.add_argument("--download", action="store_true", default=None)
     p_part.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -83,7 +98,7 @@ def _cmd_clients(ns: argparse.Namespace) -> None:
     from pathlib import Path
 
     from fedmutual.config import load_file, validate
-    from fedmutual.engine.compare import per_client_report
+    from fedmutual.experiment.compare import per_client_report
     from fedmutual.errors import ConfigError
     from fedmutual.report.metrics import read_metrics
 
@@ -106,7 +121,7 @@ def _cmd_partition(ns: argparse.Namespace) -> None:
 
     from fedmutual.config import build_config
     from fedmutual.data import format_label_table, label_table
-    from fedmutual.engine.runner import prepare_data
+    from fedmutual.experiment.data import prepare_data
     from fedmutual.report.heatmap import save_label_heatmap
 
     over = {k: getattr(ns, k) for k in ("dataset", "data_dir", "partition", "clients", "seed", "limit_train", "limit_test", "out", "download") if getattr(ns, k, None) is not None}
@@ -133,7 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if ns.command == "run" and ns.resume is not None:
             from fedmutual.config import ConfigError
-            from fedmutual.engine.runner import resume
+            from fedmutual.experiment.runner import resume
 
             given = [f for f, k, _, _ in _FLAGS if getattr(ns, k, None) is not None] + (["--config"] if ns.config else []) + \
                 (["--set"] if ns.sets else []) + (["--download"] if ns.download else []) + (["--no-progress"] if ns.progress is False else [])
@@ -149,11 +164,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         cfg = build_config(ns.config, _overrides(ns), ns.sets)
         if ns.command == "run":
-            from fedmutual.engine.runner import run
+            from fedmutual.experiment.runner import run
 
             run(cfg)
         else:
-            from fedmutual.engine.compare import compare
+            from fedmutual.experiment.compare import compare
 
             compare(cfg, [a.strip() for a in ns.algorithms.split(",") if a.strip()])
         return 0

@@ -14,62 +14,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from fedmutual.errors import ConfigError
-from fedmutual.schedules import Schedule
-
-ALGORITHMS = ("fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl")
-
+from fedmutual.errors import ConfigError, FedmutualError
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class FMLConfig(_Strict):
-    """FML (Shen et al. 2023): alpha weighs the personalized model's CE, beta the meme's."""
-
-    alpha: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
-    beta: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
-    weighted: bool = False  # the paper averages memes uniformly; True weighs by client samples
-    temperature: float = Field(default=1.0, gt=0)
-    # widths of hidden layers of each client's adaptor head when the global model is partial; [] = one FC layer
-    adaptor_hidden: list[int] = Field(default_factory=list)
-
-    @field_validator("adaptor_hidden")
-    @classmethod
-    def _widths(cls, v: list[int]) -> list[int]:
-        if any(w < 1 for w in v):
-            raise ValueError(f"hidden widths must be >= 1, got {v}")
-        return v
-
-
-class FedAvgConfig(_Strict):
-    weighting: Literal["samples", "uniform"] = "samples"
-
-
-class FedProxConfig(_Strict):
-    mu: float = Field(default=0.01, ge=0)
-    weighting: Literal["samples", "uniform"] = "samples"
-
-
-class DFMLConfig(_Strict):
-    """DFML (Khalil et al. 2024): serverless mutual learning at a rotating aggregator."""
-
-    participants: int | None = Field(default=None, ge=1)  # m clients per round; default min(10, K)
-    alpha_max: float = Field(default=0.8, ge=0, le=1)
-    period: int = Field(default=10, ge=1)
-    shape: Literal["rise", "symmetric", "constant"] = "rise"
-    wsm: bool = True  # re-weighted softmax CE (Legate et al. 2023); False = plain CE
-    peak_models: bool = True  # False: a client's deployable model is its current model
-    local_train_before_send: bool = False
-    temperature: float = Field(default=1.0, gt=0)
-
-
-class DFedAvgConfig(_Strict):
-    """Decentralized FedAvg: a random aggregator averages the participants' locally trained models."""
-
-    participants: int | None = Field(default=None, ge=1)  # default min(10, K)
-    wsm: bool = False
-    weighting: Literal["samples", "uniform"] = "samples"
 
 
 def parse_compression(spec: str) -> tuple[str, int]:
@@ -83,27 +31,15 @@ def parse_compression(spec: str) -> tuple[str, int]:
     raise ValueError(f"invalid compression {spec!r}; allowed: 'none', 'fp16' or 'topk:K' with an integer K >= 1 (e.g. 'topk:3')")
 
 
-class DMLFLConfig(_Strict):
-    """DML-FL (Gupta 2025): clients share predictions on a public set, never weights."""
+class PublicConfig(_Strict):
+    """The public set of methods that share knowledge on public data (DML-FL), and of ``local_data = "folds"``."""
 
-    public: Literal["dynamic", "static"] = "dynamic"  # dynamic: a fresh stratified fold every round
-    public_size: int | None = Field(default=None, ge=1)  # default: a fold, training samples // (clients + 1)
-    public_labels: bool = True  # False: the public set is unlabelled and trained with the KL only
-    public_dataset: str | None = None  # draw the public set from this dataset instead of carving it from the run's
-    collab_epochs: int = Field(default=1, ge=1)  # epochs on the public set; local epochs are `local_epochs`
-    kl: Literal["auto", "softmax", "bernoulli", "faithful"] = "auto"  # auto: softmax, or bernoulli on a binary task
-    kl_weight: float = Field(default=1.0, ge=0)
-    temperature: float = Field(default=1.0, gt=0)
-    compression: str = "none"  # "none" (float32), "fp16", or "topk:K" (K largest probabilities + their classes)
-    common_init: bool = True  # clients with the same architecture start from the same weights
+    mode: Literal["dynamic", "static"] = "dynamic"  # dynamic: a fresh stratified fold every round
+    size: int | None = Field(default=None, ge=1)  # default: a fold, training samples // (clients + 1)
+    labels: bool = True  # False: the public set is unlabelled and trained with the KL only
+    dataset: str | None = None  # draw the public set from this dataset instead of carving it from the run's
 
-    @field_validator("compression")
-    @classmethod
-    def _compression(cls, v: str) -> str:
-        parse_compression(v)
-        return v.strip().lower()
-
-    @field_validator("public_dataset")
+    @field_validator("dataset")
     @classmethod
     def _public_dataset(cls, v: str | None) -> str | None:
         if v is None:
@@ -114,12 +50,6 @@ class DMLFLConfig(_Strict):
         if key not in DATASETS:
             raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
         return key
-
-
-class AsyncFLConfig(_Strict):
-    """The DML-FL authors' asynchronous weight updating: accuracy-weighted layers, dense or conv by round."""
-
-    dense_every: int = Field(default=3, ge=1)  # rounds t with t % dense_every == 0 (1-based) update dense layers
 
 
 class FaultsConfig(_Strict):
@@ -157,9 +87,16 @@ class AggregationConfig(_Strict):
 
 
 class Config(_Strict):
-    """Everything that defines a run. Defaults follow the FML paper where it speaks."""
+    """Everything that defines a run. Defaults follow the FML paper where it speaks.
 
-    algorithm: Literal["fedavg", "fedprox", "local", "independent", "fml", "dfml", "dfedavg", "dmlfl", "asyncfl"] = "fml"
+    Besides the keys below, a config holds one table per algorithm with settings of its own (``[fml]``,
+    ``[dmlfl]``, ...), validated by that algorithm's ``Settings`` model: the built-in algorithms' tables and
+    the chosen algorithm's are always present, with their defaults; ``cfg.table("fml")`` returns one.
+    """
+
+    model_config = ConfigDict(extra="allow", validate_assignment=True)
+
+    algorithm: str = "fml"  # a registered name (fedmutual.register_algorithm) or an import string "pkg.module:Class"
     dataset: str = "fashion-mnist"
     data_dir: str | None = None
     download: bool = False
@@ -182,7 +119,7 @@ class Config(_Strict):
     limit_train: int | None = Field(default=None, ge=1)
     limit_test: int | None = Field(default=None, ge=1)
     val_size: int | None = Field(default=None, ge=1)
-    val_source: Literal["auto", "test", "train"] = "auto"  # auto: "train" for dfml/dfedavg, else "test"
+    val_source: Literal["auto", "test", "train"] = "auto"  # auto: the algorithm's own default (DFML's 80:20 split: "train")
     val_fraction: float = Field(default=0.2, gt=0, lt=1)  # share of each client's data held out when val_source = "train"
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(default=None, ge=1)
@@ -192,13 +129,7 @@ class Config(_Strict):
     out: str = "runs"
     name: str | None = None
     progress: bool = True
-    fml: FMLConfig = Field(default_factory=FMLConfig)
-    fedavg: FedAvgConfig = Field(default_factory=FedAvgConfig)
-    fedprox: FedProxConfig = Field(default_factory=FedProxConfig)
-    dfml: DFMLConfig = Field(default_factory=DFMLConfig)
-    dfedavg: DFedAvgConfig = Field(default_factory=DFedAvgConfig)
-    dmlfl: DMLFLConfig = Field(default_factory=DMLFLConfig)
-    asyncfl: AsyncFLConfig = Field(default_factory=AsyncFLConfig)
+    public: PublicConfig = Field(default_factory=PublicConfig)
     checkpoint_every: int = Field(default=1, ge=0)  # write a checkpoint every N rounds; 0: never
     checkpoint_keep: int = Field(default=2, ge=1)  # newest checkpoints kept (older ones are a fallback)
     max_message_mb: float = Field(default=1024.0, gt=0)  # received messages larger than this are rejected unread
@@ -206,9 +137,68 @@ class Config(_Strict):
     attack: AttackConfig = Field(default_factory=AttackConfig)
     aggregation: AggregationConfig = Field(default_factory=AggregationConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _algorithm_tables(cls, data: Any) -> Any:
+        """Resolve ``algorithm`` through the registry and validate every algorithm table with its ``Settings``."""
+        if not isinstance(data, dict):
+            return data
+        from fedmutual.registry import ALGORITHMS, canonical
+
+        data = dict(data)
+        name = data.get("algorithm", cls.model_fields["algorithm"].default)
+        if not isinstance(name, str):
+            raise ValueError(f"algorithm: expected a name or an import string, got {name!r}")
+        try:
+            chosen = ALGORITHMS.get(name)
+        except FedmutualError as e:
+            raise ValueError(f"algorithm: {e}") from None
+        data["algorithm"] = canonical(name)
+        tables: dict[str, type] = {}
+        for entry in [*(ALGORITHMS.get(n) for n in ALGORITHMS.names()), chosen]:
+            if getattr(entry, "Settings", None) is not None:
+                tables.setdefault(entry.name, entry)
+        for key in [k for k in data if k not in cls.model_fields]:
+            if key not in tables:
+                raise ValueError(f"{key}: unknown key")
+        defaults = {e.name for e in (ALGORITHMS.get(n) for n in ALGORITHMS.builtin_names()) if getattr(e, "Settings", None)}
+        for key, entry in tables.items():
+            if key not in data and key not in defaults and entry is not chosen:
+                continue  # another plug-in's table appears only when it is given
+            value = data.get(key, {})
+            if isinstance(value, entry.Settings):
+                continue
+            if isinstance(value, dict):
+                for old, new in _MOVED_KEYS.get(key, {}).items():
+                    if old in value:
+                        raise ValueError(f"{key}.{old}: this setting moved to {new}")
+            try:
+                data[key] = entry.Settings.model_validate(value)
+            except ValidationError as e:
+                raise ValueError("\n  ".join(_error_lines(e, key))) from None
+        return data
+
+    def table(self, name: str) -> Any:
+        """The settings of algorithm ``name`` (its ``Settings`` model), e.g. ``cfg.table("fml").alpha``."""
+        extra = self.__pydantic_extra__ or {}
+        if name not in extra:
+            raise ConfigError(f"the config has no [{name}] table; known tables: {', '.join(extra) or 'none'}")
+        return extra[name]
+
+    def tables(self) -> list[str]:
+        """The names of the algorithm tables this config holds."""
+        return list(self.__pydantic_extra__ or {})
+
+    def algorithm_class(self) -> Any:
+        """The class of the configured algorithm (from the registry)."""
+        from fedmutual.registry import ALGORITHMS
+
+        return ALGORITHMS.get(self.algorithm)
+
     @field_validator("partition")
     @classmethod
     def _partition(cls, v: str) -> str:
+        # "iid", "shards:P", "dirichlet:A", "indices:PATH", a registered partitioner's "name[:arg]" or an import string
         from fedmutual.data.partition import parse_partition
 
         try:
@@ -235,12 +225,22 @@ class Config(_Strict):
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | list[str]) -> str | list[str]:
-        from fedmutual.models import ZOO
+        # registered names in canonical (lower) case; import strings ("pkg.nets:Net") keep their case
+        from fedmutual.models import MODELS
+        from fedmutual.registry import canonical, is_import_string
 
-        names = [n.strip().lower() for n in (v.split(",") if isinstance(v, str) else v)]
-        if not names or any(n not in ZOO for n in names):
-            bad = [n for n in names if n not in ZOO] or ["(empty)"]
-            raise ValueError(f"unknown model {', '.join(map(repr, bad))}; allowed: {', '.join(sorted(ZOO))}")
+        names = [canonical(n) for n in (v.split(",") if isinstance(v, str) else v)]
+        bad = []
+        for n in names:
+            try:
+                MODELS.get(n)
+            except ConfigError as e:
+                if is_import_string(n) or not str(e).startswith("unknown model"):
+                    raise ValueError(str(e)) from None  # an import or a plug-in failed: say why
+                bad.append(n)
+        if not names or bad:
+            raise ValueError(f"unknown model {', '.join(map(repr, bad or ['(empty)']))}; allowed: {', '.join(sorted(n for n in MODELS.names() if ':' not in n))}, "
+                             "or an import string such as 'mypackage.nets:Net'")
         return names[0] if len(names) == 1 else names
 
     @field_validator("global_model")
@@ -271,7 +271,7 @@ class Config(_Strict):
         """The model setting as one short string, e.g. ``lenet5``, ``mlp+lenet5+cnn1`` or, for FML with
         a global model of its own, ``mlp+cnn1-g-cnn2-encoder``."""
         label = self.model if isinstance(self.model, str) else "+".join(self.model)
-        if self.global_model and self.algorithm == "fml":
+        if self.global_model and self.algorithm_class().uses_global_model:
             label += "-g-" + self.global_model.replace(":", "-")
         return label
 
@@ -280,19 +280,27 @@ class Config(_Strict):
         return len(set(self.model_names())) > 1
 
     def resolved_val_source(self) -> str:
+        """Where clients' validation splits come from: ``val_source``, or the algorithm's default for ``auto``."""
         if self.val_source != "auto":
             return self.val_source
-        return "train" if self.algorithm in ("dfml", "dfedavg") else "test"
+        return str(self.algorithm_class().val_source)
 
     @field_validator("dataset")
     @classmethod
     def _dataset(cls, v: str) -> str:
+        # a registered name in canonical (lower) case, or an import string kept as written
         from fedmutual.data.datasets import DATASETS
+        from fedmutual.registry import canonical, is_import_string
 
-        v = v.lower().replace("_", "-")
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
-        return v.lower()
+        v = canonical(v)
+        try:
+            DATASETS.get(v)
+        except ConfigError as e:
+            if is_import_string(v) or not str(e).startswith("unknown dataset"):
+                raise ValueError(str(e)) from None
+            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(n for n in DATASETS.names() if ':' not in n)}, "
+                             "or an import string such as 'mypackage.data:load'") from None
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "Config":
@@ -314,10 +322,21 @@ class Config(_Strict):
         return self.model_dump(mode="json")
 
 
+#: settings that moved to another table, for a plain message instead of "unknown key"
+_MOVED_KEYS: dict[str, dict[str, str]] = {
+    "dmlfl": {"public": "public.mode", "public_size": "public.size", "public_labels": "public.labels",
+              "public_dataset": "public.dataset"},
+}
+
+
 def _describe(err: ValidationError) -> str:
+    return "invalid configuration:\n  " + "\n  ".join(_error_lines(err))
+
+
+def _error_lines(err: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"])
+        key = ".".join([prefix] * bool(prefix) + [str(p) for p in e["loc"]])
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
@@ -329,7 +348,7 @@ def _describe(err: ValidationError) -> str:
         else:
             msg = f"{msg} (got {e.get('input')!r})"
         lines.append(f"{key}: {msg}" if key else msg)  # a cross-field message names its keys itself
-    return "invalid configuration:\n  " + "\n  ".join(lines)
+    return lines
 
 
 def validate(data: dict[str, Any]) -> Config:

@@ -11,10 +11,20 @@ Round t (1-based):
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.engine.cohort import Member, accuracy
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, State, Work, handles, state_of
+from fedmutual.registry import register_algorithm
+
+
+class AsyncFLSettings(BaseModel):
+    """The DML-FL authors' asynchronous weight updating: accuracy-weighted layers, dense or conv by round."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    dense_every: int = Field(default=3, ge=1)  # rounds t with t % dense_every == 0 (1-based) update dense layers
 
 
 def layer_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -27,44 +37,61 @@ def layer_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
+@register_algorithm
 class AsyncFL(Algorithm):
     name = "asyncfl"
-
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.every = ctx.cfg.asyncfl.dense_every
-        init = state_of(ctx.new_model("global"))  # a common initialization, as for FedAvg
-        self.models = [ctx.new_model("global") for _ in ctx.clients]
-        for k, m in enumerate(self.models):
-            m.load_state_dict(ctx.send("server", client_name(k), init, phase="init").tensors)
-        self.opts = [ctx.optimizer(m) for m in self.models]
-        self.groups = layer_groups(self.models[0])
+    Settings = AsyncFLSettings
 
     def group(self, t: int) -> str:
         """The layers round t (0-based) updates: ``dense`` every ``dense_every``-th round, ``conv`` otherwise."""
-        return "dense" if (t + 1) % self.every == 0 else "conv"
+        return "dense" if (t + 1) % self.settings.dense_every == 0 else "conv"
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        ctx = self.ctx
-        results = ctx.train([ctx.job(k, t, [Member(self.models[k], self.opts[k])]) for k in participants], t)
-        keys = self.groups[self.group(t)]
-        sent, accs = {}, {}
-        for k in participants:
-            d = ctx.clients[k]
-            accs[k] = accuracy(self.models[k], d.val_x, d.val_y, ctx.cfg.eval_batch_size)
-            state = state_of(self.models[k])
-            sent[k] = {n: state[n] for n in keys}
-        replies = ctx.gather("server", sent, val_acc=lambda k: accs[k]) if keys else {}
-        got = [float(r.meta["val_acc"]) for r in replies.values()]
+    def init_client(self, env: ClientEnv) -> State:
+        model = self.run.new_model("global")
+        return State(model=model, opt=self.run.optimizer(model))
+
+    def setup(self, server: State, clients: list[int]) -> Round:
+        """A common initialization, as for FedAvg."""
+        init = state_of(self.run.new_model("global"))
+        yield Ask("init.model", {k: Message(init, {"phase": "init"}) for k in clients})
+        return {}
+
+    def round(self, t: int, server: State, clients: list[int]) -> Round:
+        layers = layer_groups(self.run.new_model("global"))[self.group(t)]
+        replies = yield Ask("train.local", {k: Message() for k in clients}, gather=bool(layers))
+        if not layers:  # nothing to exchange this round (an MLP has no conv layers): the clients only trained
+            return {"train_loss": replies.mean_loss(), "dense_round": float(self.group(t) == "dense"), "val_acc_mean": float("nan")}
+        accs = [float(r.meta["val_acc"]) for r in replies.values()]
         # normalized accuracy weights; uniform when no client has a usable accuracy
-        weights = got if got and all(a == a for a in got) and sum(got) > 0 else None
+        weights = accs if accs and all(a == a for a in accs) and sum(accs) > 0 else None
         if replies:
-            merged = ctx.aggregate([r.tensors for r in replies.values()], weights)
-            for k in replies:  # a client whose layers did not arrive keeps its own
-                self.models[k].load_state_dict(ctx.send("server", client_name(k), merged, round=t + 1).tensors, strict=False)
-        accs = list(accs.values())
-        return {"train_loss": mean_loss(results), "dense_round": float(self.group(t) == "dense"),
-                "val_acc_mean": sum(accs) / len(accs)}
+            merged = self.run.aggregate([r.tensors for r in replies.values()], weights)
+            yield Ask("update.layers", {k: Message(merged, {"round": str(t + 1)}) for k in replies})
+        return {"train_loss": replies.mean_loss(), "dense_round": float(self.group(t) == "dense"),
+                "val_acc_mean": sum(accs) / len(accs) if accs else float("nan")}
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.models[k]
+    @handles("init.model")
+    def init(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        me.model.load_state_dict(msg.tensors)
+        return Message()
+
+    @handles("train.local")
+    def train(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        """Train the own model; reply with this round's layers and their accuracy on the own validation split."""
+        def reply(_: object) -> Message:
+            keys = layer_groups(me.model)[self.group(env.round)]
+            if not keys:
+                return Message()
+            acc = accuracy(me.model, env.data.val_x, env.data.val_y, self.cfg.eval_batch_size)
+            state = state_of(me.model)
+            return Message({n: state[n] for n in keys}, {"val_acc": str(acc)})
+
+        return Work(env.job([Member(me.model, me.opt)]), reply)
+
+    @handles("update.layers")
+    def update(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        me.model.load_state_dict(msg.tensors, strict=False)  # the other layers stay the client's own
+        return Message()
+
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return me.model

@@ -11,58 +11,84 @@ Homogeneous models only.
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.algorithms.dfml import draw_round
 from fedmutual.engine.cohort import Member
 from fedmutual.losses import class_shares, wsm
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Replies, Round, State, Work, handles, state_of
+from fedmutual.registry import register_algorithm
 
 
+class DFedAvgSettings(BaseModel):
+    """Decentralized FedAvg: a random aggregator averages the participants' locally trained models."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    participants: int | None = Field(default=None, ge=1)  # default min(10, K)
+    wsm: bool = False
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+@register_algorithm
 class DFedAvg(Algorithm):
     name = "dfedavg"
-
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        name = ctx.shared_model_name()  # refuses mixed architectures with a clear message
-        self.models = [ctx.new_model("local", k, name=name) for k in range(len(ctx.clients))]
-        self.opts = [ctx.optimizer(m) for m in self.models]
-        self.cfg = ctx.cfg.dfedavg
+    Settings = DFedAvgSettings
+    val_source = "train"
 
     def m(self) -> int:
-        return self.cfg.participants or min(10, len(self.ctx.clients))
+        return self.settings.participants or min(10, self.cfg.clients)
 
     def sample(self, t: int) -> list[int]:
-        return draw_round(self.ctx.cfg.seed, t, len(self.ctx.clients), self.m())[0]
+        return draw_round(self.cfg.seed, t, self.cfg.clients, self.m())[0]
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        ctx = self.ctx
-        _, a = draw_round(ctx.cfg.seed, t, len(ctx.clients), self.m())
-        if a not in participants:
+    def coordinator(self, t: int) -> int:
+        return draw_round(self.cfg.seed, t, self.cfg.clients, self.m())[1]
+
+    def init_client(self, env: ClientEnv) -> State:
+        model = self.run.new_model("local", env.k, name=self.run.shared_model_name())  # refuses mixed architectures
+        return State(model=model, opt=self.run.optimizer(model), n=env.n)
+
+    def round(self, t: int, me: State, clients: list[int]) -> Round:
+        a = self.coordinator(t)
+        if a not in clients:
             return {"aggregator": float("nan")}
-        jobs = []
-        for k in participants:
-            job = ctx.job(k, t, [Member(self.models[k], self.opts[k])])
-            if self.cfg.wsm:
-                job.ce = wsm(class_shares(ctx.clients[k].y, ctx.num_classes))
-            jobs.append(job)
-        results = ctx.train(jobs, t)
-        if a in ctx.events.crashed:  # the aggregator crashed in its own update: nothing is averaged
-            return {"aggregator": float(a), "train_loss": mean_loss(results)}
-        own = state_of(self.models[a])
-        peers = {n: state_of(self.models[n]) for n in participants if n != a}
-        arrived = ctx.gather(client_name(a), peers, like=own, round=t, num_samples=lambda n: ctx.clients[n].n) if peers else {}
+        done = yield Ask("train.local", {k: Message() for k in clients})  # every participant trains its own model
+        stats = {"aggregator": float(a), "train_loss": done.mean_loss()}
+        if a not in done:  # the aggregator's own update failed: nothing is averaged
+            return stats
+        own = state_of(me.model)
+        peers = [n for n in clients if n != a]
+        arrived = (yield Ask("query.model", {n: Message() for n in peers}, like=own, gather=True)) if peers else Replies()
         if peers and not arrived:
-            return {"aggregator": float(a), "train_loss": mean_loss(results)}
-        states = [own] + [m.tensors for m in arrived.values()]
-        weights = [float(ctx.clients[a].n)] + [float(m.meta["num_samples"]) for m in arrived.values()]
-        avg = ctx.aggregate(states, None if self.cfg.weighting == "uniform" else weights)
-        self.models[a].load_state_dict(avg)
-        for n in arrived:  # a peer whose model did not arrive gets nothing back and keeps its own
-            reply = ctx.send(client_name(a), client_name(n), avg, like=peers[n], round=t)
-            if reply is not None:
-                self.models[n].load_state_dict(reply.tensors)
-        return {"aggregator": float(a), "train_loss": mean_loss(results)}
+            return stats
+        weights = [float(me.n)] + [float(m.meta["num_samples"]) for m in arrived.values()]
+        avg = self.run.aggregate([own] + [m.tensors for m in arrived.values()],
+                                 None if self.settings.weighting == "uniform" else weights)
+        me.model.load_state_dict(avg)
+        # a peer whose model did not arrive gets nothing back and keeps its own
+        yield Ask("update.model", {n: Message(avg, {"round": str(t)}) for n in arrived},
+                  expect={n: m.tensors for n, m in arrived.items()})
+        return stats
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.models[k]
+    @handles("train.local")
+    def train(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        job = env.job([Member(me.model, me.opt)])
+        if self.settings.wsm:
+            job.ce = wsm(class_shares(env.data.y, self.run.num_classes))
+        return Work(job, lambda _: Message())
+
+    @handles("query.model")
+    def send_model(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        return Message(state_of(me.model), {"round": str(env.round), "num_samples": str(env.n)})
+
+    @handles("update.model")
+    def update(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        me.model.load_state_dict(msg.tensors)
+        return Message()
+
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return me.model

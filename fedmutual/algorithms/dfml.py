@@ -16,14 +16,32 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, client_name, state_of
 from fedmutual.engine.cohort import Member
 from fedmutual.losses import CEFn, class_shares, cross_entropy, wsm
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Replies, Round, State, Work, handles, state_of
+from fedmutual.registry import register_algorithm
 from fedmutual.seeding import numpy_rng
+
+
+class DFMLSettings(BaseModel):
+    """DFML (Khalil et al. 2024): serverless mutual learning at a rotating aggregator."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    participants: int | None = Field(default=None, ge=1)  # m clients per round; default min(10, K)
+    alpha_max: float = Field(default=0.8, ge=0, le=1)
+    period: int = Field(default=10, ge=1)
+    shape: Literal["rise", "symmetric", "constant"] = "rise"
+    wsm: bool = True  # re-weighted softmax CE (Legate et al. 2023); False = plain CE
+    peak_models: bool = True  # False: a client's deployable model is its current model
+    local_train_before_send: bool = False
+    temperature: float = Field(default=1.0, gt=0)
 
 
 def cyclic_alpha(t: int, alpha_max: float, period: int, shape: str) -> float:
@@ -51,76 +69,109 @@ def draw_round(seed: int, t: int, num_clients: int, m: int, stream: str = "dfml"
     return chosen, chosen[int(rng.integers(len(chosen)))]
 
 
+def bundle(models: dict[int, dict[str, object]]) -> dict[str, object]:
+    """Several owners' tensors in one message, named ``<owner>/<name>``."""
+    return {f"{n}/{key}": v for n, state in models.items() for key, v in state.items()}
+
+
+def unbundle(tensors: dict[str, object]) -> dict[int, dict[str, object]]:
+    """The owners' tensors back out of :func:`bundle`'s names, by owner in ascending order."""
+    out: dict[int, dict[str, object]] = {}
+    for name, v in tensors.items():
+        owner, key = name.split("/", 1)
+        out.setdefault(int(owner), {})[key] = v
+    return dict(sorted(out.items()))
+
+
+@register_algorithm
 class DFML(Algorithm):
     name = "dfml"
-
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        n = len(ctx.clients)
-        self.models = [ctx.new_model("local", k, name=ctx.client_model_name(k)) for k in range(n)]
-        self.local_opt = [ctx.optimizer(m) for m in self.models]  # for optional local training before sending
-        self.peak: list[nn.Module] = [copy.deepcopy(m) for m in self.models]
-        self.has_trained = [False] * n
-        self.scratch: dict[int, nn.Module] = {}  # the aggregator's copies of visiting models
-        self.cfg = ctx.cfg.dfml
+    Settings = DFMLSettings
+    val_source = "train"  # the paper's 80:20 split of each client's own data
 
     def m(self) -> int:
-        return self.cfg.participants or min(10, len(self.ctx.clients))
+        return self.settings.participants or min(10, self.cfg.clients)
 
     def sample(self, t: int) -> list[int]:
-        return draw_round(self.ctx.cfg.seed, t, len(self.ctx.clients), self.m())[0]
+        return draw_round(self.cfg.seed, t, self.cfg.clients, self.m())[0]
+
+    def coordinator(self, t: int) -> int:
+        return draw_round(self.cfg.seed, t, self.cfg.clients, self.m())[1]
 
     def alpha(self, t: int) -> float:
-        return cyclic_alpha(t, self.cfg.alpha_max, self.cfg.period, self.cfg.shape)
+        s = self.settings
+        return cyclic_alpha(t, s.alpha_max, s.period, s.shape)
 
-    def ce_for(self, k: int) -> CEFn:
-        """WSM-CE with client k's class shares, or plain CE."""
-        if not self.cfg.wsm:
-            return cross_entropy
-        return wsm(class_shares(self.ctx.clients[k].y, self.ctx.num_classes))
+    def init_client(self, env: ClientEnv) -> State:
+        model = self.run.new_model("local", env.k, name=self.run.client_model_name(env.k))
+        # the optimizer is for optional local training before sending; the peak model is the deployable one
+        return State(model=model, opt=self.run.optimizer(model), peak=copy.deepcopy(model), has_trained=False)
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        ctx = self.ctx
-        _, a = draw_round(ctx.cfg.seed, t, len(ctx.clients), self.m())
-        if a not in participants:  # a fault removed the aggregator: nobody trains this round
-            return {"alpha": self.alpha(t), "aggregator": float("nan")}
-        if self.cfg.local_train_before_send:
-            jobs = [ctx.job(k, t, [Member(self.models[k], self.local_opt[k])]) for k in participants]
-            for job in jobs:
-                job.ce = self.ce_for(job.client)
-            ctx.train(jobs, t)
-        cohort: dict[int, nn.Module] = {a: self.models[a]}
-        peers = [n for n in participants if n != a]
-        arrived = ctx.gather(client_name(a), {n: state_of(self.models[n]) for n in peers}, round=t, owner=lambda n: n) if peers else {}
+    def round(self, t: int, me: State, clients: list[int]) -> Round:
+        a, alpha = self.coordinator(t), self.alpha(t)
+        if a not in clients:  # a fault removed the aggregator: nobody trains this round
+            return {"alpha": alpha, "aggregator": float("nan")}
+        if self.settings.local_train_before_send:
+            yield Ask("train.local", {k: Message() for k in clients})
+        peers = [n for n in clients if n != a]
+        arrived = (yield Ask("query.model", {n: Message() for n in peers}, gather=True)) if peers else Replies()
+        stats = {"alpha": alpha, "aggregator": float(a)}
         if peers and not arrived:  # fewer than faults.min_replies: the round is skipped
-            return {"alpha": self.alpha(t), "aggregator": float(a)}
-        for n, msg in arrived.items():
-            work = self.scratch.setdefault(n, ctx.new_model("scratch", n, name=ctx.client_model_name(n)))
-            work.load_state_dict(msg.tensors)
-            cohort[n] = work
-        alpha = self.alpha(t)
-        members = [Member(model, ctx.optimizer(model), w_ce=1 - alpha, w_kl=alpha) for model in cohort.values()]
-        job = ctx.job(a, t, members)
-        job.ce, job.temperature = self.ce_for(a), self.cfg.temperature
-        (result,) = ctx.train([job], t)
-        if not result.steps:  # the aggregator crashed: nothing comes back
-            return {"alpha": alpha, "aggregator": float(a)}
-        updated = [a]
-        for n, model in cohort.items():
-            if n != a:
-                reply = ctx.send(client_name(a), client_name(n), state_of(model), like=state_of(self.models[n]), round=t, owner=n)
-                if reply is not None:
-                    self.models[n].load_state_dict(reply.tensors)
-                    updated.append(n)
-        peak = is_peak(t, self.cfg.alpha_max, self.cfg.period, self.cfg.shape)
-        for n in updated:
-            if peak or not self.has_trained[n]:
-                self.peak[n].load_state_dict(self.models[n].state_dict())
-            self.has_trained[n] = True
-        return {"alpha": alpha, "aggregator": float(a), "peak_round": float(peak), "train_loss": float(np.mean(result.loss))}
+            return stats
+        visitors = {n: msg.tensors for n, msg in arrived.items()}
+        done = yield Ask("train.mutual", {a: Message(bundle(visitors))})  # to itself: a trains the cohort on its data
+        if a not in done:  # the aggregator's update failed: nothing comes back
+            return stats
+        trained = unbundle(done[a].tensors)
+        yield Ask("update.model", {n: Message(trained[n], {"round": str(t), "owner": str(n)}) for n in visitors},
+                  expect=visitors)
+        peak = is_peak(t, self.settings.alpha_max, self.settings.period, self.settings.shape)
+        return {**stats, "peak_round": float(peak), "train_loss": float(np.mean(done.trained[a].loss))}
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.peak[k] if self.cfg.peak_models else self.models[k]
+    def ce_for(self, env: ClientEnv) -> CEFn:
+        """WSM-CE with this client's class shares, or plain CE."""
+        return wsm(class_shares(env.data.y, self.run.num_classes)) if self.settings.wsm else cross_entropy
 
-    def extra_models(self) -> dict[str, list[nn.Module]]:
-        return {"current": self.models}
+    def keep_peak(self, me: State, t: int) -> None:
+        """After an update: at alpha's peak (and on a model's first update), the model becomes the peak model."""
+        s = self.settings
+        if is_peak(t, s.alpha_max, s.period, s.shape) or not me.has_trained:
+            me.peak.load_state_dict(me.model.state_dict())
+        me.has_trained = True
+
+    @handles("train.local")
+    def train_local(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        return Work(env.job([Member(me.model, me.opt)], ce=self.ce_for(env)), lambda _: Message())
+
+    @handles("query.model")
+    def send_model(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        return Message(state_of(me.model), {"round": str(env.round), "owner": str(env.k)})
+
+    @handles("train.mutual")
+    def mutual(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        """The aggregator: its own model and the visiting ones learn from each other on its data."""
+        models = {env.k: me.model}
+        for n, tensors in unbundle(msg.tensors).items():
+            models[n] = self.run.new_model("scratch", n, name=self.run.client_model_name(n))
+            models[n].load_state_dict(tensors)
+        alpha = self.alpha(env.round)
+        members = [Member(m, self.run.optimizer(m), w_ce=1 - alpha, w_kl=alpha) for m in models.values()]
+        job = env.job(members, ce=self.ce_for(env), temperature=self.settings.temperature)
+
+        def reply(_: object) -> Message:
+            self.keep_peak(me, env.round)
+            return Message(bundle({n: state_of(m) for n, m in models.items() if n != env.k}))
+
+        return Work(job, reply)
+
+    @handles("update.model")
+    def update(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        me.model.load_state_dict(msg.tensors)
+        self.keep_peak(me, env.round)
+        return Message()
+
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return me.peak if self.settings.peak_models else me.model
+
+    def extra_models(self, server: State, me: State) -> dict[str, nn.Module]:
+        return {"current": me.model}

@@ -16,18 +16,39 @@ so any mix of architectures works.
 
 from __future__ import annotations
 
-import dataclasses
 from collections import defaultdict
+from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.config import parse_compression
 from fedmutual.engine.cohort import Member
 from fedmutual.errors import ConfigError
 from fedmutual.losses import published_probs
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, RunSpec, State, Work, handles, state_of
+from fedmutual.registry import register_algorithm
 from fedmutual.seeding import derive_seed
+
+
+class DMLFLSettings(BaseModel):
+    """DML-FL (Gupta 2025): clients share predictions on a public set (``[public]``), never weights."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    collab_epochs: int = Field(default=1, ge=1)  # epochs on the public set; local epochs are `local_epochs`
+    kl: Literal["auto", "softmax", "bernoulli", "faithful"] = "auto"  # auto: softmax, or bernoulli on a binary task
+    kl_weight: float = Field(default=1.0, ge=0)
+    temperature: float = Field(default=1.0, gt=0)
+    compression: str = "none"  # "none" (float32), "fp16", or "topk:K" (K largest probabilities + their classes)
+    common_init: bool = True  # clients with the same architecture start from the same weights
+
+    @field_validator("compression")
+    @classmethod
+    def _compression(cls, v: str) -> str:
+        parse_compression(v)
+        return v.strip().lower()
 
 
 def compress(probs: torch.Tensor, spec: str) -> dict[str, torch.Tensor]:
@@ -76,55 +97,74 @@ def predict(model: nn.Module, x: torch.Tensor, mode: str, temperature: float, ba
     return out
 
 
+@register_algorithm
 class DMLFL(Algorithm):
     name = "dmlfl"
+    Settings = DMLFLSettings
+    carves_public = True
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.cfg = cfg = ctx.cfg.dmlfl
-        self.kl = ctx.kl_mode(cfg.kl, "dmlfl.kl")
-        if ctx.binary and cfg.compression.startswith("topk"):
-            raise ConfigError(f"dmlfl.compression: {cfg.compression!r} needs several classes; a binary task publishes one probability per sample (use 'none' or 'fp16')")
-        self.models = [ctx.new_model("local", k, name=ctx.client_model_name(k)) for k in range(len(ctx.clients))]
-        if cfg.common_init:  # the only weights that ever travel: one initial model per architecture
-            by_arch: dict[str, list[int]] = defaultdict(list)
-            for k in range(len(ctx.clients)):
-                by_arch[ctx.client_model_name(k)].append(k)
-            for name, ks in by_arch.items():
-                init = state_of(ctx.new_model("common", name, name=name))
-                for k in ks:
-                    self.models[k].load_state_dict(ctx.send("server", client_name(k), init, phase="init").tensors)
-        self.opts = [ctx.optimizer(m) for m in self.models]  # one per client, for both phases, for the whole run
+    def __init__(self, run: RunSpec):
+        super().__init__(run)
+        self.kl = run.kl_mode(self.settings.kl, "dmlfl.kl")
+        if run.binary and self.settings.compression.startswith("topk"):
+            raise ConfigError(f"dmlfl.compression: {self.settings.compression!r} needs several classes; a binary task "
+                              "publishes one probability per sample (use 'none' or 'fp16')")
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        ctx, cfg = self.ctx, self.cfg
-        local = ctx.train([ctx.job(k, t, [Member(self.models[k], self.opts[k])]) for k in participants], t)
-        px, py = ctx.round_data().public_set(t)
-        crashed = set(ctx.events.crashed)
-        preds = {k: compress(predict(self.models[k], px, self.kl, cfg.temperature, ctx.cfg.eval_batch_size), cfg.compression)
-                 for k in participants if k not in crashed}
-        published = {k: m.tensors for k, m in ctx.gather("server", preds, content="probabilities", round=t + 1).items()}
-        stats = {"train_loss_local": mean_loss(local), "public_size": float(len(py))}
-        if len(published) < 2 and not cfg.public_labels:
+    def init_client(self, env: ClientEnv) -> State:
+        model = self.run.new_model("local", env.k, name=self.run.client_model_name(env.k))
+        return State(model=model, opt=self.run.optimizer(model))  # one optimizer for both phases, for the whole run
+
+    def setup(self, server: State, clients: list[int]) -> Round:
+        """The only weights that ever travel: one common initial model per architecture."""
+        if not self.settings.common_init:
+            return {}
+        by_arch: dict[str, list[int]] = defaultdict(list)
+        for k in clients:
+            by_arch[self.run.client_model_name(k)].append(k)
+        inits = {name: state_of(self.run.new_model("common", name, name=name)) for name in by_arch}
+        yield Ask("init.model", {k: Message(inits[name], {"phase": "init"}) for name, ks in by_arch.items() for k in ks})
+        return {}
+
+    def round(self, t: int, server: State, clients: list[int]) -> Round:
+        published = yield Ask("train.local", {k: Message() for k in clients}, content="probabilities", gather=True)
+        stats = {"train_loss_local": published.mean_loss(), "public_size": float(len(self.run.public_set(t)[1]))}
+        if len(published) < 2 and not self.cfg.public.labels:
             return stats
-        jobs = []
-        for k in participants:
-            if k in crashed:
-                continue
-            others = [j for j in published if j != k]  # the predictions that reached the relay valid
-            relay = ctx.send("server", client_name(k), {f"{client_name(j)}/{n}": v for j in others for n, v in published[j].items()}, round=t + 1)
-            teachers = [decompress(unpack(relay.tensors, client_name(j)), ctx.num_outputs) for j in others]
-            if teachers and ctx.cfg.aggregation.rule != "mean":  # one robust consensus instead of every peer
-                teachers = [consensus(ctx.reduce(torch.stack(teachers)))]
-            member = Member(self.models[k], self.opts[k], w_ce=1.0 if cfg.public_labels else 0.0, w_kl=cfg.kl_weight)
-            job = dataclasses.replace(
-                ctx.job(k, t, [member]), x=px, y=py, epochs=cfg.collab_epochs, temperature=cfg.temperature, kl=self.kl,
-                shuffle_seed=derive_seed(ctx.cfg.seed, "shuffle", "public", k, t),
-                teachers=[torch.stack(teachers, 1) if teachers else None],
-            )
-            jobs.append(job)
-        stats["train_loss_collab"] = mean_loss(ctx.train(jobs, t))
+        relays = {k: Message({f"client{j}/{n}": v for j, m in published.items() if j != k for n, v in m.tensors.items()},
+                             {"round": str(t + 1)}) for k in clients}
+        done = yield Ask("train.collab", relays)
+        stats["train_loss_collab"] = done.mean_loss()
         return stats
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.models[k]
+    @handles("init.model")
+    def init(self, me: State, msg: Message, env: ClientEnv) -> Message:
+        me.model.load_state_dict(msg.tensors)
+        return Message()
+
+    @handles("train.local")
+    def train_local(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        """Train on the client's own data, then publish predictions on the round's public set."""
+        px, _ = env.public_set()
+
+        def publish(_: object) -> Message:
+            probs = predict(me.model, px, self.kl, self.settings.temperature, self.cfg.eval_batch_size)
+            return Message(compress(probs, self.settings.compression), {"round": str(env.round + 1)})
+
+        return Work(env.job([Member(me.model, me.opt)]), publish)
+
+    @handles("train.collab")
+    def train_collab(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        """Learn from the others' predictions (fixed teachers) on the public set."""
+        s, px, py = self.settings, *env.public_set()
+        senders = sorted({n.split("/", 1)[0] for n in msg.tensors}, key=lambda j: int(j.removeprefix("client")))
+        teachers = [decompress(unpack(msg.tensors, j), self.run.num_outputs) for j in senders]
+        if teachers and self.cfg.aggregation.rule != "mean":  # one robust consensus instead of every peer
+            teachers = [consensus(self.run.reduce(torch.stack(teachers)))]
+        member = Member(me.model, me.opt, w_ce=1.0 if self.cfg.public.labels else 0.0, w_kl=s.kl_weight)
+        job = env.job([member], x=px, y=py, epochs=s.collab_epochs, temperature=s.temperature, kl=self.kl,
+                      shuffle_seed=derive_seed(self.cfg.seed, "shuffle", "public", env.k, env.round),
+                      teachers=[torch.stack(teachers, 1) if teachers else None])
+        return Work(job, lambda _: Message())
+
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return me.model

@@ -10,43 +10,54 @@ Round t:
 
 from __future__ import annotations
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.engine.cohort import Member
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, State, Work, handles, state_of
+from fedmutual.registry import register_algorithm
 
 
+class FedAvgSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+@register_algorithm
 class FedAvg(Algorithm):
     name = "fedavg"
+    Settings: type[BaseModel] = FedAvgSettings
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.global_ = ctx.new_model("global")
-        self.work: dict[int, nn.Module] = {}  # client-side scratch copies, reused across rounds
-        self.weighting = ctx.cfg.fedavg.weighting
+    def init_server(self) -> State:
+        return State(global_=self.run.new_model("global"))
+
+    def round(self, t: int, server: State, clients: list[int]) -> Round:
+        sent = state_of(server.global_)
+        replies = yield Ask("train.global", {k: Message(sent, {"round": str(t)}) for k in clients}, like=sent, gather=True)
+        if replies:
+            weights = None if self.settings.weighting == "uniform" else [float(r.meta["num_samples"]) for r in replies.values()]
+            server.global_.load_state_dict(self.run.aggregate([r.tensors for r in replies.values()], weights))
+        return {"train_loss": replies.mean_loss()}
 
     def prox_mu(self) -> float:
         """FedProx's proximal weight; 0 for FedAvg."""
         return 0.0
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        ctx, jobs, sent = self.ctx, [], state_of(self.global_)
-        for k in participants:
-            msg = ctx.send("server", client_name(k), sent, round=t)
-            model = self.work.setdefault(k, ctx.new_model("global"))
-            model.load_state_dict(msg.tensors)
-            ref = [p.detach().clone() for p in model.parameters()]
-            member = Member(model, ctx.optimizer(model), w_ce=1.0, w_kl=0.0, prox_mu=self.prox_mu(), prox_ref=ref)
-            jobs.append(ctx.job(k, t, [member]))
-        results = ctx.train(jobs, t)
-        replies = ctx.gather("server", {k: state_of(self.work[k]) for k in participants}, like=sent, num_samples=lambda k: ctx.clients[k].n)
-        if replies:
-            weights = None if self.weighting == "uniform" else [float(r.meta["num_samples"]) for r in replies.values()]
-            self.global_.load_state_dict(ctx.aggregate([r.tensors for r in replies.values()], weights))
-        return {"train_loss": mean_loss(results)}
+    @handles("train.global")
+    def train(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        """Train a copy of the global model on this client's data; reply with its weights and sample count."""
+        if "model" not in me:  # a scratch copy, kept across rounds to save its allocation
+            me.model = self.run.new_model("global")
+        me.model.load_state_dict(msg.tensors)
+        ref = [p.detach().clone() for p in me.model.parameters()]
+        member = Member(me.model, self.run.optimizer(me.model), w_ce=1.0, w_kl=0.0, prox_mu=self.prox_mu(), prox_ref=ref)
+        return Work(env.job([member]), lambda _: Message(state_of(me.model), {"num_samples": str(env.n)}))
 
-    def global_model(self) -> nn.Module:
-        return self.global_
+    def global_model(self, server: State) -> nn.Module:
+        return server.global_
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.global_
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return server.global_  # every client deploys the global model

@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
-from fedmutual.algorithms.base import Context
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
 from fedmutual.algorithms.fedavg import FedAvg
+from fedmutual.registry import register_algorithm
 
 
+class FedProxSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    mu: float = Field(default=0.01, ge=0)
+    weighting: Literal["samples", "uniform"] = "samples"
+
+
+@register_algorithm
 class FedProx(FedAvg):
     name = "fedprox"
-
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.weighting = ctx.cfg.fedprox.weighting
+    Settings = FedProxSettings
 
     def prox_mu(self) -> float:
-        return self.ctx.cfg.fedprox.mu
+        return float(self.settings.mu)

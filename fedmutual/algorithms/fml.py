@@ -20,68 +20,93 @@ the encoder travels and is averaged; the head, like the personalized model, stay
 
 from __future__ import annotations
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, client_name, mean_loss, state_of
 from fedmutual.engine.cohort import Member
 from fedmutual.models import with_head
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, RunSpec, State, Work, handles, state_of
+from fedmutual.registry import register_algorithm
+from fedmutual.schedules import Schedule
 
 
+class FMLSettings(BaseModel):
+    """FML (Shen et al. 2023): alpha weighs the personalized model's CE, beta the meme's."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    alpha: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
+    beta: Schedule = Field(default_factory=lambda: Schedule(value=0.5))
+    weighted: bool = False  # the paper averages memes uniformly; True weighs by client samples
+    temperature: float = Field(default=1.0, gt=0)
+    # widths of hidden layers of each client's adaptor head when the global model is partial; [] = one FC layer
+    adaptor_hidden: list[int] = Field(default_factory=list)
+
+    @field_validator("adaptor_hidden")
+    @classmethod
+    def _widths(cls, v: list[int]) -> list[int]:
+        if any(w < 1 for w in v):
+            raise ValueError(f"hidden widths must be >= 1, got {v}")
+        return v
+
+
+@register_algorithm
 class FML(Algorithm):
     name = "fml"
+    Settings = FMLSettings
     client_tasks = True
+    uses_global_model = True
+    personalized = True
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        n = len(ctx.clients)
-        self.arch, self.part = ctx.global_model_spec()
-        self.local = [ctx.new_client_model(k, "local", k) for k in range(n)]
-        self.local_opt = [ctx.optimizer(m) for m in self.local]  # persists across rounds
-        self.memes: dict[int, nn.Module] = {}
+    def __init__(self, run: RunSpec):
+        super().__init__(run)
+        self.arch, self.part = run.global_model_spec()
         if self.part is None:  # a whole model: every client's task must fit it
-            ctx.one_task("a whole global model")
-            self.global_ = ctx.new_model("global", name=self.arch)
-        else:  # an encoder; each meme = encoder + the client's own adaptor head, kept across rounds
-            self.global_ = ctx.new_encoder("global")
-            self.memes = {k: with_head(ctx.new_encoder("global"), ctx.new_head(k, "head", k)) for k in range(n)}
+            run.one_task("a whole global model")
 
-    def shared(self, k: int) -> nn.Module:
-        """The part of client k's meme that is forked from and averaged into the global model."""
-        return self.memes[k] if self.part is None else self.memes[k].encoder
+    def init_server(self) -> State:
+        return State(global_=self.run.new_model("global", name=self.arch) if self.part is None else self.run.new_encoder("global"))
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        ctx, cfg = self.ctx, self.ctx.cfg.fml
-        alpha, beta = cfg.alpha.at(t, ctx.cfg.rounds), cfg.beta.at(t, ctx.cfg.rounds)
-        jobs, sent = [], state_of(self.global_)
-        for k in participants:
-            msg = ctx.send("server", client_name(k), sent, round=t)
-            if self.part is None:
-                self.memes.setdefault(k, ctx.new_model("global", name=self.arch))
-            self.shared(k).load_state_dict(msg.tensors)
-            meme = self.memes[k]
-            members = [
-                Member(self.local[k], self.local_opt[k], w_ce=alpha, w_kl=1 - alpha),
-                Member(meme, ctx.optimizer(meme), w_ce=beta, w_kl=1 - beta),  # meme optimizer reset each round
-            ]
-            job = ctx.job(k, t, members)
-            job.temperature = cfg.temperature
-            jobs.append(job)
-        results = ctx.train(jobs, t)
-        replies = ctx.gather("server", {k: state_of(self.shared(k)) for k in participants}, like=sent, num_samples=lambda k: ctx.clients[k].n)
+    def init_client(self, env: ClientEnv) -> State:
+        k, run = env.k, self.run
+        local = run.new_client_model(k, "local", k)
+        me = State(local=local, local_opt=run.optimizer(local))  # the personalized model's optimizer persists
+        if self.part is not None:  # the meme: the encoder + this client's own adaptor head, kept across rounds
+            me.meme = with_head(run.new_encoder("global"), run.new_head(k, "head", k, hidden=self.settings.adaptor_hidden))
+        return me
+
+    def round(self, t: int, server: State, clients: list[int]) -> Round:
+        sent = state_of(server.global_)
+        replies = yield Ask("train.mutual", {k: Message(sent, {"round": str(t)}) for k in clients}, like=sent, gather=True)
         if replies:
-            weights = [float(r.meta["num_samples"]) for r in replies.values()] if cfg.weighted else None
-            self.global_.load_state_dict(ctx.aggregate([r.tensors for r in replies.values()], weights))
-        return {"train_loss_local": mean_loss(results, 0), "train_loss_meme": mean_loss(results, 1), "alpha": alpha, "beta": beta}
+            weights = [float(r.meta["num_samples"]) for r in replies.values()] if self.settings.weighted else None
+            server.global_.load_state_dict(self.run.aggregate([r.tensors for r in replies.values()], weights))
+        t_all = self.cfg.rounds
+        return {"train_loss_local": replies.mean_loss(0), "train_loss_meme": replies.mean_loss(1),
+                "alpha": self.settings.alpha.at(t, t_all), "beta": self.settings.beta.at(t, t_all)}
 
-    def global_model(self) -> nn.Module | None:
+    @handles("train.mutual")
+    def mutual(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        """Fork the meme from the global model, train it and the personalized model together, upload the meme."""
+        s, t = self.settings, env.round
+        alpha, beta = s.alpha.at(t, self.cfg.rounds), s.beta.at(t, self.cfg.rounds)
+        if self.part is None and "meme" not in me:
+            me.meme = self.run.new_model("global", name=self.arch)
+        shared = me.meme if self.part is None else me.meme.encoder  # what is forked from and averaged into global
+        shared.load_state_dict(msg.tensors)
+        members = [
+            Member(me.local, me.local_opt, w_ce=alpha, w_kl=1 - alpha),
+            Member(me.meme, self.run.optimizer(me.meme), w_ce=beta, w_kl=1 - beta),  # meme optimizer reset each round
+        ]
+        return Work(env.job(members, temperature=s.temperature), lambda _: Message(state_of(shared), {"num_samples": str(env.n)}))
+
+    def global_model(self, server: State) -> nn.Module | None:
         """The global model; None when it is an encoder, which has no task of its own."""
-        return self.global_ if self.part is None else None
+        return server.global_ if self.part is None else None
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.local[k]
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return me.local
 
-    def extra_models(self) -> dict[str, list[nn.Module]]:
-        """With a partial global model: the global encoder with each client's adaptor head (its next meme)."""
-        if self.part is None:
-            return {}
-        return {"meme": [with_head(self.global_, self.memes[k].head) for k in range(len(self.local))]}
+    def extra_models(self, server: State, me: State) -> dict[str, nn.Module]:
+        """With a partial global model: the global encoder with the client's adaptor head (its next meme)."""
+        return {} if self.part is None else {"meme": with_head(server.global_, me.meme.head)}

@@ -12,27 +12,34 @@ from __future__ import annotations
 
 from torch import nn
 
-from fedmutual.algorithms.base import Algorithm, Context, mean_loss
 from fedmutual.engine.cohort import Member
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, State, Work, handles
+from fedmutual.registry import register_algorithm
 
 
+@register_algorithm
 class Local(Algorithm):
     name = "local"
     client_tasks = True
+    alone = True
 
-    def __init__(self, ctx: Context):
-        super().__init__(ctx)
-        self.models = [ctx.new_client_model(k, "local", k) for k in range(len(ctx.clients))]
-        self.opts = [ctx.optimizer(m) for m in self.models]  # persistent, like a standalone run
+    def init_client(self, env: ClientEnv) -> State:
+        model = self.run.new_client_model(env.k, "local", env.k)
+        return State(model=model, opt=self.run.optimizer(model))  # persistent, like a standalone run
 
-    def round(self, t: int, participants: list[int]) -> dict[str, float]:
-        jobs = [self.ctx.job(k, t, [Member(self.models[k], self.opts[k])]) for k in participants]
-        return {"train_loss": mean_loss(self.ctx.train(jobs, t))}
+    def round(self, t: int, server: State, clients: list[int]) -> Round:
+        done = yield Ask("train.local", {k: Message() for k in clients})
+        return {"train_loss": done.mean_loss()}
 
-    def client_model(self, k: int) -> nn.Module:
-        return self.models[k]
+    @handles("train.local")
+    def train(self, me: State, msg: Message, env: ClientEnv) -> Work:
+        return Work(env.job([Member(me.model, me.opt)]), lambda _: Message())
+
+    def client_model(self, server: State, me: State) -> nn.Module:
+        return me.model
 
 
+@register_algorithm
 class Independent(Local):
     """FML's baseline: each personalized model trained alone (identical to ``local``)."""
 

@@ -1,20 +1,29 @@
 """Finding and loading the image-classification datasets as standardized tensors.
 
-:func:`load_dataset` looks for a dataset in a fixed order of directories
-(:func:`candidate_dirs`), loads the first complete copy it finds, and returns
-the whole dataset in memory as float32 tensors ``[N, C, H, W]`` standardized
-per channel with the mean and standard deviation of the *training* set (the
-test set is transformed with the same training statistics, so no test
-information leaks into preprocessing). Nothing is cached on disk except
-explicit downloads.
+:func:`load_dataset` resolves a dataset name through the registry
+:data:`DATASETS`: the built-in file datasets (fashion-mnist, mnist, idx,
+cifar10, cifar100), loaders and in-memory datasets added with
+:func:`register_dataset`, installed plug-ins (entry points of group
+``fedmutual.datasets``) and import strings ``"package.module:loader"``.
+
+A built-in dataset is looked for in a fixed order of directories
+(:func:`candidate_dirs`); the first complete copy is loaded and returned
+whole in memory as float32 tensors ``[N, C, H, W]`` standardized per channel
+with the mean and standard deviation of the *training* set (the test set is
+transformed with the same training statistics, so no test information leaks
+into preprocessing). :func:`from_arrays` turns a user's own arrays into the
+same form. Nothing is cached on disk except explicit downloads.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable, Sequence, Union
 
 import numpy as np
 import torch
@@ -22,21 +31,31 @@ import torch
 from fedmutual.data.cifar import CIFAR_LAYOUTS, find_cifar_dir, load_cifar
 from fedmutual.data.download import DOWNLOADS, OFFICIAL_URLS, cache_dir, download_dataset
 from fedmutual.data.idx import load_idx_pair
-from fedmutual.errors import ConfigError, DataError
+from fedmutual.errors import ConfigError, DataError, FedmutualError
+from fedmutual.registry import Registry, canonical
 
 __all__ = [
+    "ARRAYS_SOURCE",
     "ArrayDataset",
+    "BUILTIN_DATASETS",
     "DATASETS",
+    "DatasetLoader",
     "FASHION_MNIST_CLASSES",
     "MNIST_CLASSES",
     "SYSTEM_DIRS",
+    "from_arrays",
     "load_dataset",
+    "register_dataset",
     "candidate_dirs",
     "cache_dir",
     "find_idx_files",
 ]
 
-DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "idx", "cifar10", "cifar100")
+#: The datasets read from files in the standard layouts (see :func:`candidate_dirs`).
+BUILTIN_DATASETS: tuple[str, ...] = ("fashion-mnist", "mnist", "idx", "cifar10", "cifar100")
+
+#: How the ``source`` of a dataset made by :func:`from_arrays` begins.
+ARRAYS_SOURCE = "arrays"
 
 FASHION_MNIST_CLASSES: list[str] = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -79,12 +98,51 @@ class ArrayDataset:
     source: str
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
+    #: SHA-256 (hex) of the arrays a dataset was made from (:func:`from_arrays`); None for files read from disk.
+    fingerprint: str | None = None
+
+
+#: Loads a dataset: ``(data_dir, download) -> ArrayDataset``.
+DatasetLoader = Callable[[Union[str, None], bool], ArrayDataset]
+
+
+def _check_loader(name: str, obj: object) -> DatasetLoader | ArrayDataset:
+    if isinstance(obj, ArrayDataset) or callable(obj):
+        return obj
+    raise TypeError(
+        f"a dataset must be a loader (data_dir, download) -> ArrayDataset or an ArrayDataset, "
+        f"got {type(obj).__name__} {obj!r}"
+    )
+
+
+#: Every dataset a config can name (``dataset = ...``); the built-ins first.
+DATASETS: Registry[DatasetLoader | ArrayDataset] = Registry("dataset", check=_check_loader)
+
+
+def register_dataset(name: str, loader: DatasetLoader | ArrayDataset, replace: bool = False) -> DatasetLoader | ArrayDataset:
+    """Make ``loader`` available to configs as ``dataset = name``.
+
+    ``loader(data_dir, download)`` returns an :class:`ArrayDataset` (``data_dir`` is the config's
+    ``data_dir``, a string or None); an ArrayDataset itself (e.g. from :func:`from_arrays`) is
+    served as it is. Registering a name that is taken raises ValueError unless ``replace``;
+    returns ``loader``.
+    """
+    DATASETS.register(name, loader, replace=replace)
+    return loader
+
+
+def _unknown(name: str) -> ConfigError:
+    return ConfigError(
+        f"unknown dataset {name!r}; expected one of: {', '.join(n for n in DATASETS.names() if ':' not in n)}, "
+        "or an import string such as 'mypackage.data:load'."
+    )
 
 
 def _canonical(name: str) -> str:
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in DATASETS:
-        raise ConfigError(f"unknown dataset {name!r}; expected one of: {', '.join(DATASETS)}.")
+    """The key of a built-in file dataset; ConfigError for any other name."""
+    key = canonical(name)
+    if key not in BUILTIN_DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; expected one of: {', '.join(BUILTIN_DATASETS)}.")
     return key
 
 
@@ -280,14 +338,38 @@ def _load_idx_dir(key: str, d: Path):
 def load_dataset(
     name: str, data_dir: str | os.PathLike | None = None, download: bool = False
 ) -> ArrayDataset:
-    """Find and load a dataset; see :func:`candidate_dirs` for where it looks.
+    """Load dataset ``name``: a name in :data:`DATASETS` (case-insensitive), a plug-in or an import string.
 
-    ``name`` is one of :data:`DATASETS` (case-insensitive). When the data is
-    not found and ``download`` is true, downloadable datasets (fashion-mnist)
-    are fetched into ``cache_dir()/<name>`` first. Raises :class:`DataError`
-    listing every directory tried when the dataset is nowhere to be found.
+    A built-in file dataset is looked for as :func:`candidate_dirs` describes; when it is not found
+    and ``download`` is true, downloadable datasets (fashion-mnist) are fetched into
+    ``cache_dir()/<name>`` first, and otherwise :class:`DataError` lists every directory tried.
+    A registered loader is called as ``loader(data_dir, download)``; a registered ArrayDataset is
+    returned as it is.
     """
-    key = _canonical(name)
+    key = canonical(name)
+    try:
+        entry = DATASETS.get(key)
+    except ConfigError as e:
+        if str(e).startswith("unknown dataset"):
+            raise _unknown(name) from None
+        raise
+    if isinstance(entry, ArrayDataset):
+        return entry
+    if key in BUILTIN_DATASETS and entry is _BUILTIN_LOADERS.get(key):
+        return entry(data_dir, download)  # type: ignore[arg-type]
+    try:
+        ds = entry(None if data_dir is None else str(data_dir), bool(download))
+    except FedmutualError:
+        raise
+    except Exception as e:
+        raise DataError(f"dataset {key!r}: its loader failed ({type(e).__name__}: {e})") from e
+    if not isinstance(ds, ArrayDataset):
+        raise ConfigError(f"dataset {key!r}: its loader returned a {type(ds).__name__}, not an ArrayDataset")
+    return ds
+
+
+def _load_files(key: str, data_dir: str | os.PathLike | None = None, download: bool = False) -> ArrayDataset:
+    """Load the built-in file dataset ``key`` (see :func:`load_dataset`)."""
     dirs = candidate_dirs(key, data_dir)
     found, tried = _locate(key, dirs)
     if found is None:
@@ -322,4 +404,148 @@ def load_dataset(
         source=str(found),
         mean=tuple(mean),
         std=tuple(std),
+    )
+
+
+_BUILTIN_LOADERS: dict[str, DatasetLoader] = {}
+for _key in BUILTIN_DATASETS:
+    _BUILTIN_LOADERS[_key] = partial(_load_files, _key)
+    register_dataset(_key, _BUILTIN_LOADERS[_key])
+del _key
+
+
+# --- a user's own arrays ------------------------------------------------------------------------
+
+def _as_array(value: object, what: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise ConfigError(f"from_arrays: {what} must be a NumPy array or a torch tensor, got {type(value).__name__}.")
+
+
+def _images(x: np.ndarray, what: str) -> np.ndarray:
+    if x.dtype.kind not in "iuf":
+        raise DataError(f"from_arrays: {what} must hold real numbers (an integer or float dtype), got {x.dtype}.")
+    if x.ndim == 2:
+        x = x[:, None, None, :]
+    elif x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim != 4:
+        raise DataError(
+            f"from_arrays: {what} has shape {tuple(x.shape)}; expected images [N, H, W] or [N, C, H, W], "
+            "or flat samples [N, D]."
+        )
+    if len(x) == 0:
+        raise DataError(f"from_arrays: {what} is empty; both the training and the test set need samples.")
+    if 0 in x.shape[1:]:
+        raise DataError(f"from_arrays: {what} has shape {tuple(x.shape)}; every sample dimension must be >= 1.")
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        raise DataError(f"from_arrays: {what} contains NaN or infinite values.")
+    return x
+
+
+def _labels(y: np.ndarray, n: int, what: str, images: str) -> np.ndarray:
+    if y.ndim != 1 or y.dtype.kind not in "iu":
+        raise DataError(
+            f"from_arrays: {what} must be a 1-D array of integer class indices, got {y.dtype} of shape {tuple(y.shape)}."
+        )
+    if len(y) != n:
+        raise DataError(f"from_arrays: {what} has {len(y)} labels but {images} has {n} samples; they must match.")
+    if y.min() < 0:
+        raise DataError(f"from_arrays: {what} contains the negative label {int(y.min())}; labels are 0..C-1.")
+    return y
+
+
+def _fingerprint(arrays: Sequence[np.ndarray]) -> str:
+    """SHA-256 over each array's dtype, shape and bytes, in order."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{tuple(a.shape)};".encode())
+        h.update(a.reshape(-1).view(np.uint8).data)
+    return h.hexdigest()
+
+
+def from_arrays(
+    train_x: np.ndarray | torch.Tensor,
+    train_y: np.ndarray | torch.Tensor,
+    test_x: np.ndarray | torch.Tensor,
+    test_y: np.ndarray | torch.Tensor,
+    *,
+    name: str = "arrays",
+    classes: Sequence[str] | None = None,
+    standardize: bool = True,
+) -> ArrayDataset:
+    """An :class:`ArrayDataset` made from a user's own arrays (NumPy arrays or torch tensors).
+
+    Images are ``[N, C, H, W]`` or ``[N, H, W]`` (one channel); flat samples ``[N, D]`` (tabular
+    data) become ``[N, 1, 1, D]``, which the ``mlp`` model and any model that flattens its input
+    take as they are. The training and test images need the same sample shape and real values
+    (integer or float, no NaN or infinity); labels are 1-D integer class indices ``0..C-1``, one
+    per image, where ``C`` is ``len(classes)`` when class names are given and otherwise the
+    largest label plus one. With ``standardize`` (the default) every channel is standardized with
+    the training set's mean and standard deviation, as the built-in datasets are; otherwise the
+    values are kept as float32 (``mean`` 0 and ``std`` 1 record that). The inputs are copied, never
+    changed. ``source`` reads ``"arrays (sha256 <first 12 hex digits>)"`` and ``fingerprint``
+    holds the full SHA-256 of the arrays as given, so records name the data truthfully. Refusals
+    are a :class:`ConfigError` (arguments of the wrong kind) or a :class:`DataError` (the data).
+    """
+    key = canonical(name) if isinstance(name, str) else ""
+    if not key or ":" in key or "," in key:
+        raise ConfigError(f"from_arrays: name {name!r} is not a dataset name; use letters, digits, '-' and '_' (no ':' or ',').")
+    if not isinstance(standardize, bool):
+        raise ConfigError(f"from_arrays: standardize must be True or False, got {standardize!r}.")
+    raw = [_as_array(v, w) for v, w in ((train_x, "train_x"), (train_y, "train_y"), (test_x, "test_x"), (test_y, "test_y"))]
+    tx = _images(raw[0], "train_x")
+    vx = _images(raw[2], "test_x")
+    if tx.shape[1:] != vx.shape[1:]:
+        raise DataError(
+            f"from_arrays: the training samples are {tuple(tx.shape[1:])} but the test samples are "
+            f"{tuple(vx.shape[1:])} (as [C, H, W]); both sets need the same sample shape."
+        )
+    ty = _labels(raw[1], len(tx), "train_y", "train_x")
+    vy = _labels(raw[3], len(vx), "test_y", "test_x")
+    top = int(max(ty.max(), vy.max()))
+    names: list[str] | None = None
+    if classes is not None:
+        if isinstance(classes, str) or not all(isinstance(c, str) for c in classes):
+            raise ConfigError(f"from_arrays: classes must be a list of class names (strings), got {classes!r}.")
+        names = list(classes)
+        if not names:
+            raise ConfigError("from_arrays: classes is empty; give one name per class, or leave it out.")
+        if top >= len(names):
+            which = "train_y" if int(ty.max()) == top else "test_y"
+            raise DataError(
+                f"from_arrays: {which} contains the label {top}, but {len(names)} class names were given "
+                f"(labels 0..{len(names) - 1})."
+            )
+    num_classes = len(names) if names is not None else top + 1
+    fingerprint = _fingerprint(raw)
+    source = f"{ARRAYS_SOURCE} (sha256 {fingerprint[:12]})"
+    channels = tx.shape[1]
+    if standardize:
+        mean, std = _channel_stats(tx, source)
+    else:
+        mean, std = [0.0] * channels, [1.0] * channels
+
+    def as_float(x: np.ndarray) -> torch.Tensor:
+        t = torch.tensor(x, dtype=torch.float32)  # always a copy
+        shape = (1, channels, 1, 1)
+        t.sub_(torch.tensor(mean, dtype=torch.float32).view(shape))
+        return t.div_(torch.tensor(std, dtype=torch.float32).view(shape))
+
+    return ArrayDataset(
+        name=key,
+        train_x=as_float(tx),
+        train_y=torch.tensor(ty, dtype=torch.int64),
+        test_x=as_float(vx),
+        test_y=torch.tensor(vy, dtype=torch.int64),
+        num_classes=num_classes,
+        input_shape=tuple(int(s) for s in tx.shape[1:]),  # type: ignore[arg-type]
+        classes=names,
+        source=source,
+        mean=tuple(mean),
+        std=tuple(std),
+        fingerprint=fingerprint,
     )

@@ -6,7 +6,8 @@ from :func:`fedmutual.seeding.numpy_rng` streams named after the function
 labels, spec, number of clients and seed always give the same split, and the
 split does not change when unrelated settings (rounds, model, ...) do.
 
-Partition specs:
+Partition specs (``name`` or ``name:arg``), resolved through the registry
+:data:`PARTITIONS`:
 
 ``iid``
     a seeded permutation cut into K parts whose sizes differ by at most 1.
@@ -20,22 +21,46 @@ Partition specs:
     for each class, proportions ~ Dir(A, ..., A) over the K clients split
     that class's shuffled samples; redrawn (up to 100 times) while a client
     has fewer than ``min(10, n // K)`` samples.
+``indices:PATH``
+    each client's training indices, read from the JSON file PATH: a list of
+    index lists (one per client), or an object holding them under
+    ``"assigned"`` or ``"train"``, such as a run's ``partition.json``. The
+    indices refer to the training set the run uses (after ``limit_train``).
+``NAME[:ARG]``
+    a partitioner added with :func:`register_partition`, an installed plug-in
+    (entry point of group ``fedmutual.partitions``), or an import string
+    ``"package.module:function[:ARG]"``; it is called as
+    ``fn(labels, num_clients, seed, arg)`` with ``arg`` the text after the
+    name's colon (None without one).
+
+Whatever made it, a partition is checked by :func:`check_partition`: one
+index array per client, integer indices into the training set, none empty,
+and no index given to two clients (or twice to one).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections import deque
 from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Sequence, Union
 
 import numpy as np
 
-from fedmutual.errors import ConfigError, DataError
+from fedmutual.errors import ConfigError, DataError, FedmutualError
+from fedmutual.registry import Registry, canonical, is_import_string
 from fedmutual.seeding import numpy_rng
 
 __all__ = [
+    "PARTITIONS",
+    "PartitionFn",
+    "check_partition",
     "parse_partition",
     "partition",
+    "read_indices",
+    "register_partition",
     "stratified_subset",
     "validation_splits",
     "label_table",
@@ -46,41 +71,128 @@ __all__ = [
 #: How many Dirichlet draws are tried before giving up on the minimum client size.
 DIRICHLET_TRIES = 100
 
+#: Splits a training set: ``fn(labels, num_clients, seed, arg) -> one index array per client``.
+PartitionFn = Callable[[np.ndarray, int, int, Union[str, None]], Sequence[np.ndarray]]
+
 _FORMS = (
     "'iid', 'shards:P' (P shards per client, an integer >= 1, e.g. 'shards:2') or "
     "'dirichlet:A' (concentration A, a number > 0, e.g. 'dirichlet:0.5')"
 )
 
+#: The partitions whose specs fedmutual defines itself; they cannot be replaced.
+BUILTIN_PARTITIONS: tuple[str, ...] = ("iid", "shards", "dirichlet", "indices")
 
-def parse_partition(spec: str) -> tuple[str, float | int | None]:
-    """Parse a partition spec into ``("iid", None)``, ``("shards", P)`` or ``("dirichlet", A)``."""
+
+def _check_fn(name: str, obj: object) -> PartitionFn:
+    if not callable(obj):
+        raise TypeError(
+            f"a partitioner must be a callable (labels, num_clients, seed, arg) -> list of index arrays, "
+            f"got {type(obj).__name__} {obj!r}"
+        )
+    return obj
+
+
+#: Every partition a config can name (``partition = "name[:arg]"``); the built-ins first.
+PARTITIONS: Registry[PartitionFn] = Registry("partition", check=_check_fn)
+
+
+def register_partition(name: str, fn: PartitionFn, replace: bool = False) -> PartitionFn:
+    """Make ``fn`` available to configs as ``partition = "name"`` or ``"name:arg"``.
+
+    ``fn(labels, num_clients, seed, arg)`` gets the training labels (int64, one per sample), the
+    number of clients, the run seed and the text after the colon (None without one), and returns
+    one array of training-set indices per client; the result is checked by :func:`check_partition`.
+    It should draw its randomness from ``seed`` only (e.g. ``fedmutual.seeding.numpy_rng(seed,
+    "my-partition")``) so that a config reproduces its split. A name that is taken raises ValueError
+    unless ``replace``; the built-in names (``iid``, ``shards``, ``dirichlet``, ``indices``) cannot be
+    replaced. Returns ``fn``.
+    """
+    if canonical(name) in BUILTIN_PARTITIONS:
+        raise ValueError(f"{canonical(name)!r} is a built-in partition and cannot be replaced; register yours under another name")
+    PARTITIONS.register(name, fn, replace=replace)
+    return fn
+
+
+def _shards_arg(spec: str, arg: str) -> int:
+    p = int(arg) if arg.isdigit() else 0
+    if p < 1:
+        raise ConfigError(
+            f"partition {spec!r}: the number of shards per client must be an integer "
+            f">= 1; expected {_FORMS}."
+        )
+    return p
+
+
+def _dirichlet_arg(spec: str, arg: str) -> float:
+    try:
+        a = float(arg)
+    except ValueError:
+        a = float("nan")
+    if not (math.isfinite(a) and a > 0):
+        raise ConfigError(
+            f"partition {spec!r}: the Dirichlet concentration must be a finite number "
+            f"> 0; expected {_FORMS}."
+        )
+    return a
+
+
+def _unknown(spec: object) -> ConfigError:
+    users = [n for n in PARTITIONS.names() if n not in BUILTIN_PARTITIONS and ":" not in n]
+    more = f", the registered {', '.join(map(repr, users))}" if users else ""
+    return ConfigError(
+        f"unknown partition {spec!r}; expected {_FORMS}. Also possible: 'indices:PATH' (a JSON file of "
+        f"each client's training indices, e.g. a run's partition.json){more}, or an import string such as "
+        "'mypackage.splits:split' (with ':ARG' to pass it an argument)."
+    )
+
+
+def _user_spec(text: str) -> tuple[str, str | None] | None:
+    """A registered or plug-in name with an optional argument, or an import string with one; None if neither."""
+    head, sep, rest = text.partition(":")
+    key = canonical(head)
+    if key and key not in BUILTIN_PARTITIONS and not is_import_string(key):
+        try:
+            PARTITIONS.get(key)
+            return key, (rest.strip() or None) if sep else None
+        except ConfigError as e:
+            if not str(e).startswith("unknown partition"):
+                raise  # a plug-in that failed to load
+    if sep:
+        attr, sep2, arg = rest.partition(":")
+        target = f"{head.strip()}:{attr.strip()}"
+        if is_import_string(target):
+            PARTITIONS.get(target)  # imports it now: a config naming a missing function is refused early
+            return target, (arg.strip() or None) if sep2 else None
+    return None
+
+
+def parse_partition(spec: str) -> tuple[str, float | int | str | None]:
+    """Parse a partition spec: ``("iid", None)``, ``("shards", P)``, ``("dirichlet", A)``,
+    ``("indices", PATH)``, or a registered partitioner's (or an import string's) name and its
+    argument text (None without one). Names are case-insensitive; arguments keep their case."""
     if not isinstance(spec, str):
         raise ConfigError(f"partition must be a string, got {spec!r}; expected {_FORMS}.")
-    text = spec.strip().lower()
-    if text == "iid":
+    text = spec.strip()
+    if text.lower() == "iid":
         return "iid", None
     kind, sep, arg = text.partition(":")
+    kind = kind.strip().lower()
     arg = arg.strip()
-    if sep and kind.strip() == "shards":
-        p = int(arg) if arg.isdigit() else 0
-        if p < 1:
+    if sep and kind == "shards":
+        return "shards", _shards_arg(spec, arg)
+    if sep and kind == "dirichlet":
+        return "dirichlet", _dirichlet_arg(spec, arg)
+    if kind == "indices":
+        if not arg:
             raise ConfigError(
-                f"partition {spec!r}: the number of shards per client must be an integer "
-                f">= 1; expected {_FORMS}."
+                f"partition {spec!r}: 'indices:PATH' needs the path of a JSON file of each client's "
+                "training indices (e.g. 'indices:runs/my-run/partition.json')."
             )
-        return "shards", p
-    if sep and kind.strip() == "dirichlet":
-        try:
-            a = float(arg)
-        except ValueError:
-            a = float("nan")
-        if not (math.isfinite(a) and a > 0):
-            raise ConfigError(
-                f"partition {spec!r}: the Dirichlet concentration must be a finite number "
-                f"> 0; expected {_FORMS}."
-            )
-        return "dirichlet", a
-    raise ConfigError(f"unknown partition {spec!r}; expected {_FORMS}.")
+        return "indices", arg
+    found = _user_spec(text) if text else None
+    if found is None:
+        raise _unknown(spec)
+    return found
 
 
 def _check_labels(labels: np.ndarray, what: str = "labels") -> np.ndarray:
@@ -105,6 +217,78 @@ def _check_clients(num_clients: int, n: int) -> int:
             f"must be between 1 and {n} (each client needs at least one sample)."
         )
     return k
+
+
+def check_partition(parts: object, num_samples: int, num_clients: int, what: str = "partition") -> list[np.ndarray]:
+    """Check a partition of ``num_samples`` training samples among ``num_clients`` clients.
+
+    ``parts`` must hold one 1-D array (or list) of integer indices ``0..num_samples-1`` per client,
+    none empty, and no index may be given to two clients or twice to one (samples may be left
+    out). Returns each client's indices sorted, as int64 copies; a ConfigError starting with
+    ``what`` says what is wrong otherwise.
+    """
+    if isinstance(parts, (str, bytes, dict)) or not isinstance(parts, (Sequence, np.ndarray)):
+        raise ConfigError(f"{what}: expected a list of index arrays, one per client, got {type(parts).__name__}.")
+    if len(parts) != num_clients:
+        raise ConfigError(f"{what}: {len(parts)} index arrays for {num_clients} clients; it must give one per client.")
+    arrays = []
+    for i, p in enumerate(parts):
+        a = np.asarray(p.detach().cpu() if hasattr(p, "detach") else p)
+        if a.ndim != 1:
+            raise ConfigError(f"{what}: client {i}'s indices have shape {a.shape}; expected a 1-D array of sample indices.")
+        if a.size == 0:
+            raise ConfigError(f"{what}: client {i} gets no training samples; every client needs at least one.")
+        if a.dtype.kind not in "iu":
+            raise ConfigError(f"{what}: client {i}'s indices are {a.dtype}; expected integer sample indices.")
+        a = a.astype(np.int64)
+        lo, hi = int(a.min()), int(a.max())
+        if lo < 0 or hi >= num_samples:
+            bad = lo if lo < 0 else hi
+            raise ConfigError(
+                f"{what}: client {i} gets index {bad}, outside the training set of {num_samples} samples "
+                f"(indices 0..{num_samples - 1})."
+            )
+        arrays.append(a)
+    counts = np.bincount(np.concatenate(arrays), minlength=num_samples)
+    if counts.max() > 1:
+        idx = int(np.flatnonzero(counts > 1)[0])
+        owners = [i for i, a in enumerate(arrays) if (a == idx).any()]
+        if len(owners) == 1:
+            raise ConfigError(f"{what}: client {owners[0]} gets index {idx} more than once; a sample counts once.")
+        raise ConfigError(
+            f"{what}: index {idx} is given to clients {', '.join(map(str, owners))}; a sample belongs to one client."
+        )
+    return [np.sort(a) for a in arrays]
+
+
+def read_indices(path: str | Path, what: str | None = None) -> list[np.ndarray]:
+    """Each client's training indices from the JSON file ``path`` (see the ``indices:PATH`` spec).
+
+    The file holds a list of index lists, one per client, or an object with them under
+    ``"assigned"`` (preferred: each client's whole share, before any validation holdout) or
+    ``"train"``, such as a run's ``partition.json``. Not checked against a training set here.
+    """
+    what = what or f"partition 'indices:{path}'"
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{what}: {p} {'is not a file' if p.exists() else 'does not exist'}.")
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{what}: cannot read {p} as JSON ({e}).") from None
+    if isinstance(data, dict):
+        data = data.get("assigned", data.get("train"))
+    if not isinstance(data, list) or not all(isinstance(c, list) for c in data):
+        raise ConfigError(
+            f"{what}: {p} holds no per-client index lists; expected a list of lists of integers, or an "
+            "object with them under 'assigned' or 'train' (as a run's partition.json)."
+        )
+    parts = []
+    for i, c in enumerate(data):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in c):
+            raise ConfigError(f"{what}: client {i}'s entry in {p} holds something other than integer indices.")
+        parts.append(np.asarray(c, dtype=np.int64))
+    return parts
 
 
 def _dirichlet(y: np.ndarray, k: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
@@ -134,36 +318,68 @@ def _dirichlet(y: np.ndarray, k: int, alpha: float, rng: np.random.Generator) ->
     )
 
 
-def partition(labels: np.ndarray, spec: str, num_clients: int, seed: int) -> list[np.ndarray]:
-    """Split sample indices ``0..len(labels)-1`` among ``num_clients`` clients.
+def _iid(labels: np.ndarray, k: int, seed: int, arg: str | None) -> list[np.ndarray]:
+    rng = numpy_rng(seed, "partition")
+    return np.array_split(rng.permutation(len(labels)), k)
 
-    Returns one sorted int64 index array per client; every index appears in
-    exactly one of them. See the module docstring for the specs.
+
+def _shards(labels: np.ndarray, k: int, seed: int, arg: str | None) -> list[np.ndarray]:
+    spec = f"shards:{arg}"
+    p = _shards_arg(spec, str(arg or "").strip())
+    y, n = labels, len(labels)
+    rng = numpy_rng(seed, "partition")
+    num_shards = k * p
+    if num_shards > n:
+        raise ConfigError(
+            f"partition {spec!r} with {k} clients needs {num_shards} shards, but there are "
+            f"only {n} training samples (each shard needs at least one). Use fewer clients "
+            "or fewer shards per client."
+        )
+    shuffled = rng.permutation(n)
+    order = shuffled[np.argsort(y[shuffled], kind="stable")]
+    shards = np.array_split(order, num_shards)
+    shard_ids = rng.permutation(num_shards)
+    return [np.concatenate([shards[s] for s in shard_ids[c * p:(c + 1) * p]]) for c in range(k)]
+
+
+def _dirichlet_split(labels: np.ndarray, k: int, seed: int, arg: str | None) -> list[np.ndarray]:
+    alpha = _dirichlet_arg(f"dirichlet:{arg}", str(arg or "").strip())
+    return _dirichlet(labels, k, alpha, numpy_rng(seed, "partition"))
+
+
+def _indices(labels: np.ndarray, k: int, seed: int, arg: str | None) -> list[np.ndarray]:
+    return read_indices(str(arg or ""))
+
+
+for _name, _fn in (("iid", _iid), ("shards", _shards), ("dirichlet", _dirichlet_split), ("indices", _indices)):
+    PARTITIONS.register(_name, _fn)
+del _name, _fn
+
+
+def partition(labels: np.ndarray, spec: str, num_clients: int, seed: int) -> list[np.ndarray]:
+    """Split sample indices ``0..len(labels)-1`` among ``num_clients`` clients by ``spec``.
+
+    Returns one sorted int64 index array per client, checked by :func:`check_partition`
+    (for the built-in random splits every index appears in exactly one of them).
+    See the module docstring for the specs.
     """
-    kind, arg = parse_partition(spec)
+    kind, value = parse_partition(spec)
+    # a partitioner gets the argument as text; shards and dirichlet parse it again themselves
+    arg = spec.strip().partition(":")[2].strip() if kind in ("shards", "dirichlet") else None if value is None else str(value)
     y = _check_labels(labels, "training labels")
     n = len(y)
     k = _check_clients(num_clients, n)
-    rng = numpy_rng(seed, "partition")
-    if kind == "iid":
-        parts = np.array_split(rng.permutation(n), k)
-    elif kind == "shards":
-        p = int(arg)  # type: ignore[arg-type]
-        num_shards = k * p
-        if num_shards > n:
-            raise ConfigError(
-                f"partition {spec!r} with {k} clients needs {num_shards} shards, but there are "
-                f"only {n} training samples (each shard needs at least one). Use fewer clients "
-                "or fewer shards per client."
-            )
-        shuffled = rng.permutation(n)
-        order = shuffled[np.argsort(y[shuffled], kind="stable")]
-        shards = np.array_split(order, num_shards)
-        shard_ids = rng.permutation(num_shards)
-        parts = [np.concatenate([shards[s] for s in shard_ids[c * p:(c + 1) * p]]) for c in range(k)]
+    fn = PARTITIONS.get(kind)
+    if kind in BUILTIN_PARTITIONS:
+        parts = fn(y, k, seed, arg)
     else:
-        parts = _dirichlet(y, k, float(arg), rng)  # type: ignore[arg-type]
-    return [np.sort(part).astype(np.int64) for part in parts]
+        try:
+            parts = fn(y.copy(), k, seed, arg)
+        except FedmutualError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"partition {spec!r}: the partitioner failed ({type(e).__name__}: {e})") from e
+    return check_partition(parts, n, k, f"partition {spec!r}")
 
 
 def _apportion(weights: np.ndarray, total: int, rng: np.random.Generator) -> np.ndarray:

@@ -5,7 +5,7 @@ current models too), K forward passes over 10 000 samples. Models that share an
 architecture run stacked (:class:`fedmutual.engine.stacking.StackedModel` in
 evaluation mode), each test batch laid out once for all of them; the rest, and
 everything with ``engine = "loop"``, run one by one through
-:func:`fedmutual.engine.cohort.accuracy`. Both give the same predictions up to
+:func:`fedmutual.engine.jobs.accuracy`. Both give the same predictions up to
 floating-point rounding (tested).
 """
 
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from fedmutual.engine.cohort import accuracy
+from fedmutual.engine.jobs import accuracy
 from fedmutual.engine.stacking import StackedModel, architecture, trace
 
 # Bounds of one stacked evaluation call, so that its activations stay in cache (measured with
@@ -87,7 +87,7 @@ def shared_accuracies(
                                    EVAL_ACTIVATION_BUDGET // (4 * len(chunk) * foot.activation)))
                 for m, c in zip(chunk, _stacked_correct(chunk, x, y, batch)):
                     acc[id(m)] = c / len(y)
-    for key, m in unique.items():
-        if key not in acc:
-            acc[key] = accuracy(m, x, y, batch_size)
+    for ident, m in unique.items():
+        if ident not in acc:
+            acc[ident] = accuracy(m, x, y, batch_size)
     return [acc[id(m)] for m in models]

@@ -1,7 +1,7 @@
 """The stacked cohort engine: clients whose models share an architecture train as one stacked model.
 
 :func:`run_cohort_stacked` takes the same jobs as the plain loop
-(:func:`fedmutual.engine.cohort.train_job`) and gives the same results: the
+(:func:`fedmutual.engine.jobs.train_job`) and gives the same results: the
 same batches (``batch_order`` per client), the same loss (``mutual_loss`` on
 stacked logits), the same optimizer updates, written back into each member's
 own module and optimizer. What differs is how the work is laid out:
@@ -34,9 +34,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from fedmutual.engine.cohort import ClientJob, JobResult, batch_order, train_job
+from fedmutual.engine.jobs import ClientJob, JobResult, batch_order, train_job
 from fedmutual.engine.stacking import (
-    Footprint, OptimSpec, StackedModel, StackedOptimizer, architecture, has_batchnorm, optimizer_spec,
+    Footprint, OptimSpec, Signature, StackedModel, StackedOptimizer, architecture, has_batchnorm, optimizer_spec,
     stacked_optimizer, trace,
 )
 from fedmutual.errors import NonFiniteLossError
@@ -58,6 +58,9 @@ PARAMETER_BUDGET = 8 << 20
 # ``auto`` leaves models without convolutions to the loop above this many
 # multiply-adds per client step (batch x linear multiply-adds per sample).
 LINEAR_WORK = 10_000_000
+
+# A member's part of a job key: its architecture, optimizer, footprint and parameter count.
+MemberKey = tuple[Signature, OptimSpec, Footprint, int]
 
 _trace_cache: dict[tuple[Any, ...], Footprint | None] = {}
 _allocator_tuned = False
@@ -105,7 +108,7 @@ def job_key(job: ClientJob) -> tuple[Any, ...] | None:
     if not job.members or not is_stackable(job.ce) or job.x.dim() < 2:
         return None
     sample = tuple(job.x.shape[1:])
-    members = []
+    members: list[MemberKey] = []
     for m in job.members:
         arch = architecture(m.model)
         if arch is None or arch[1:] != (str(job.x.dtype), str(job.x.device)):
@@ -123,7 +126,7 @@ def job_key(job: ClientJob) -> tuple[Any, ...] | None:
             teachers, job.kl)
 
 
-def clients_per_chunk(batch: int, members: Sequence[tuple[Any, ...]]) -> int:
+def clients_per_chunk(batch: int, members: Sequence[MemberKey]) -> int:
     """How many clients one stacked call holds (at least one).
 
     At most :data:`SAMPLES_PER_CALL` samples (models x batch), at most
@@ -206,7 +209,7 @@ def schedule(job: ClientJob) -> list[torch.Tensor]:
     return [idx for epoch in range(job.epochs) for idx in batch_order(n, job.batch_size, job.shuffle_seed, epoch)]
 
 
-def chunks(ids: Sequence[int], steps: dict[int, int], batch: int, members: Sequence[tuple[Any, ...]]) -> list[list[int]]:
+def chunks(ids: Sequence[int], steps: dict[int, int], batch: int, members: Sequence[MemberKey]) -> list[list[int]]:
     """Cut a group into balanced chunks of at most :func:`clients_per_chunk` clients, most steps first."""
     order = sorted(ids, key=lambda i: -steps[i])
     n = math.ceil(len(order) / clients_per_chunk(batch, members))
@@ -225,8 +228,9 @@ class _Stack:
     mu: float | torch.Tensor
 
 
-def _per_client(values: list[float], device: torch.device) -> float | torch.Tensor:
-    return values[0] if all(v == values[0] for v in values) else torch.tensor(values, device=device)
+def _per_client(values: list[float], like: torch.Tensor) -> float | torch.Tensor:
+    """One weight per client: a float when all agree, else a tensor in ``like``'s dtype and device (the loss's)."""
+    return values[0] if all(v == values[0] for v in values) else torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
 def _first(w: float | torch.Tensor, a: int) -> float | torch.Tensor:
@@ -235,9 +239,12 @@ def _first(w: float | torch.Tensor, a: int) -> float | torch.Tensor:
 
 
 def _build_stacks(jobs: Sequence[ClientJob]) -> list[_Stack]:
-    by_kind: dict[tuple[Any, OptimSpec], list[int]] = defaultdict(list)
+    by_kind: dict[tuple[Signature, OptimSpec], list[int]] = defaultdict(list)
     for i, m in enumerate(jobs[0].members):
-        by_kind[(architecture(m.model), optimizer_spec(m.optimizer, m.model))].append(i)
+        arch, spec = architecture(m.model), optimizer_spec(m.optimizer, m.model)
+        if arch is None or spec is None:  # job_key admits only members that have both
+            raise ValueError(f"member {i} of client {jobs[0].client} cannot be stacked")
+        by_kind[(arch, spec)].append(i)
     stacks = []
     for (_, spec), members in by_kind.items():
         ms = [job.members[i] for job in jobs for i in members]
@@ -252,8 +259,7 @@ def _build_stacks(jobs: Sequence[ClientJob]) -> list[_Stack]:
                 model.pack(k, [(m.prox_ref[k] if m.prox_ref is not None else mp[k]) for m, mp in zip(ms, member_params)])
                 for k in range(len(model.parameters()))
             ]
-        device = model.parameters()[0].device
-        stacks.append(_Stack(model, opt, members, refs, _per_client(mus, device)))
+        stacks.append(_Stack(model, opt, members, refs, _per_client(mus, model.parameters()[0])))
     return stacks
 
 
@@ -294,38 +300,41 @@ def train_chunk(
     tbufs = None if first.teachers is None else [  # fixed teacher probabilities, gathered like x
         None if T is None else T.new_empty((c, width, *T.shape[1:])) for T in first.teachers
     ]
+    # per client, its teacher tensors with the buffers they are gathered into (equal job keys: equal layouts)
+    tpairs = [[(T, buf) for T, buf in zip(job.teachers or (), tbufs or ()) if T is not None and buf is not None]
+              for job in jobs]
     # per step: active clients (a prefix, as clients are sorted), batch width, valid counts if ragged
     layout: list[tuple[int, int, torch.Tensor | None]] = []
     for s in range(steps[0]):
         a = sum(t > s for t in steps)
-        counts = [sizes[j][s] for j in range(a)]
-        b = max(counts)
-        layout.append((a, b, torch.tensor(counts, device=device) if min(counts) < b else None))
+        valid = [sizes[j][s] for j in range(a)]
+        b = max(valid)
+        layout.append((a, b, torch.tensor(valid, device=device) if min(valid) < b else None))
     arange = torch.arange(width, device=device)
 
     stacks = _build_stacks(jobs)
-    w_ce = [_per_client([job.members[i].w_ce for job in jobs], device) for i in range(n_members)]
-    w_kl = [_per_client([job.members[i].w_kl for job in jobs], device) for i in range(n_members)]
+    w_ce = [_per_client([job.members[i].w_ce for job in jobs], first.x) for i in range(n_members)]
+    w_kl = [_per_client([job.members[i].w_kl for job in jobs], first.x) for i in range(n_members)]
     loss_sum = torch.zeros(c, n_members, dtype=torch.float64, device=device)
     for s, (a, b, counts) in enumerate(layout):
         mask = arange[:b] < counts[:, None] if counts is not None else None
         for j in range(a):
             torch.index_select(jobs[j].x, 0, index[s, j, :b], out=xbuf[j, :b])
             torch.index_select(jobs[j].y, 0, index[s, j, :b], out=ybuf[j, :b])
-            for i, buf in enumerate(tbufs or []):
-                if buf is not None:
-                    torch.index_select(jobs[j].teachers[i], 0, index[s, j, :b], out=buf[j, :b])  # type: ignore[index]
+            for src, buf in tpairs[j]:
+                torch.index_select(src, 0, index[s, j, :b], out=buf[j, :b])
         xb, yb = xbuf[:a, :b], ybuf[:a, :b]
         tb = None if tbufs is None else [None if buf is None else buf[:a, :b] for buf in tbufs]
-        logits: list[torch.Tensor] = [None] * n_members  # type: ignore[list-item]
+        by_member: dict[int, torch.Tensor] = {}
         prox: list[torch.Tensor] = []
         for st in stacks:
             n = len(st.members)
             out = st.model.forward(xb, n, mask).view(a, n, b, -1)
             for pos, i in enumerate(st.members):
-                logits[i] = out[:, pos]
+                by_member[i] = out[:, pos]
             if st.refs is not None:
                 prox.append(st.model.prox(st.refs, _first(st.mu, a * n), a * n).view(a, n).sum(1))
+        logits = [by_member[i] for i in range(n_members)]
         total, parts = mutual_loss(
             logits, yb, [_first(w, a) for w in w_ce], [_first(w, a) for w in w_kl],
             first.temperature, first.ce, first.peers, mask, teachers=tb, kl=first.kl,
@@ -373,7 +382,10 @@ def run_cohort_stacked(
     for ids in plan.groups:
         steps = {i: jobs[i].epochs * math.ceil(len(jobs[i].y) / jobs[i].batch_size) for i in ids}
         batch = max(jobs[i].batch_size for i in ids)
-        members = job_key(jobs[ids[0]])[0]  # type: ignore[index]
+        key = job_key(jobs[ids[0]])
+        if key is None:  # plan_cohort groups only jobs that have a key
+            raise ValueError(f"client {jobs[ids[0]].client} cannot be stacked")
+        members = key[0]
         for chunk in chunks(ids, steps, batch, members):
             if needed(chunk):
                 for i, r in zip(chunk, train_chunk([jobs[i] for i in chunk], on_step, failures, chunk)):
@@ -387,4 +399,7 @@ def run_cohort_stacked(
     if failures:
         i = min(failures)
         raise NonFiniteLossError(jobs[i].client, round + 1, failures[i])
-    return results  # type: ignore[return-value]
+    done = [r for r in results if r is not None]
+    if len(done) != len(jobs):  # every job is in a stacked group or on the loop
+        raise ValueError("the cohort plan left a job untrained")
+    return done

@@ -34,7 +34,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "dfedavg": dict(algorithm="dfedavg", dfedavg={"participants": 3, "wsm": True}),
     "dmlfl": dict(algorithm="dmlfl", model="mlp,lenet5", optimizer="adam", lr=0.001),
     "dmlfl-binary-topk": dict(algorithm="dmlfl", task="binary:0,2,4,6", model="mlp",
-                              dmlfl={"public": "static", "compression": "fp16", "public_labels": False}),
+                              public={"mode": "static", "labels": False}, dmlfl={"compression": "fp16"}),
     "asyncfl": dict(algorithm="asyncfl", model="dmlcnn", rounds=3, asyncfl={"dense_every": 2}),
     "fedavg-folds": dict(algorithm="fedavg", local_data="folds", sample_fraction=0.5),
     # faults and attacks: the runtime's part

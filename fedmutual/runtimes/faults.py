@@ -18,7 +18,8 @@ Attackers (``attack.clients`` and a seeded draw of ``attack.count``) corrupt eve
   binary predictions (one column, P(positive)) are 1 for label 1 and 0 for label 0;
 - ``nan``: every floating tensor full of NaN (a broken client).
 
-Because every draw depends only on (seed, round, client), a resumed run sees the same faults.
+Because every draw depends only on (seed, round, client) and, for noise, the receiver and the tensor's name,
+a resumed run sees the same faults, and a message means the same whatever order it lists its tensors in.
 """
 
 from __future__ import annotations
@@ -90,9 +91,9 @@ def corrupt(cfg: Config, tensors: Mapping[str, torch.Tensor], ref: Mapping[str, 
     a = cfg.attack
     if content not in CONTENTS:
         raise ValueError(f"unknown message content {content!r}; allowed: {', '.join(CONTENTS)}")
-    g = torch_generator(cfg.seed, "attack", *stream)
     out: dict[str, torch.Tensor] = {}
     for key, x in tensors.items():
+        g = torch_generator(cfg.seed, "attack", *stream, key)  # per tensor: the draw ignores the order of a message's tensors
         if not x.is_floating_point():
             out[key] = x
             continue

@@ -12,11 +12,9 @@ It is written into a hidden temporary directory, flushed to disk, then renamed i
 directory named ``round-*`` is always complete; the manifest catches later truncation or tampering,
 and loading falls back to the previous checkpoint. Nothing is pickled: safetensors and JSON only.
 
-The algorithm's state is captured generically by walking its attributes
-(:func:`capture_attrs`): modules, optimizers, tensors, NumPy arrays, lists, tuples and dicts of
-them, and JSON values. pydantic config objects and the ``ctx`` are skipped (rebuilt from the
-config); ``Algorithm.transient`` names further attributes to skip, and an algorithm with state
-of another kind overrides ``Algorithm.state`` / ``Algorithm.load_state``.
+Every party's state (the server's and each client's, :class:`fedmutual.protocol.State`) is captured by
+:func:`fedmutual.protocol.state.dump`: modules, optimizers, tensors, NumPy arrays, lists, tuples and dicts
+of them, and JSON values.
 """
 
 from __future__ import annotations
@@ -32,144 +30,16 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from pydantic import BaseModel
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from fedmutual.errors import FedmutualError
 
-FORMAT = 1
+FORMAT = 2  # 2: one state per party (server/, client<k>/)
 PREFIX = "round-"
 
 
 class CheckpointError(FedmutualError):
     """A checkpoint that cannot be written or used; the message says which and why."""
-
-
-# ---------------------------------------------------------------- capture and restore of attribute trees
-
-
-def capture(value: Any, path: str, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """The JSON node for ``value``; its tensors go into ``tensors`` under keys starting with ``path``."""
-    if isinstance(value, nn.Module):
-        keys = []
-        for k, v in value.state_dict().items():
-            tensors[f"{path}/{k}"] = _plain(v)
-            keys.append(k)
-        return {"type": "module", "keys": keys, "init": getattr(value, "fedmutual_init", None)}
-    if isinstance(value, torch.optim.Optimizer):
-        sd = value.state_dict()
-        state: dict[str, dict[str, Any]] = {}
-        for idx, entries in sd["state"].items():
-            state[str(idx)] = {}
-            for name, v in entries.items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"{path}/state/{idx}/{name}"] = _plain(v)
-                    state[str(idx)][name] = {"tensor": f"{path}/state/{idx}/{name}"}
-                else:
-                    state[str(idx)][name] = {"value": _json_value(v, f"{path}.state.{idx}.{name}")}
-        return {"type": "optimizer", "kind": type(value).__name__, "param_groups": sd["param_groups"], "state": state}
-    if isinstance(value, torch.Tensor):
-        tensors[path] = _plain(value)
-        return {"type": "tensor", "key": path}
-    if isinstance(value, np.ndarray):
-        tensors[path] = torch.from_numpy(np.ascontiguousarray(value)).clone()
-        return {"type": "ndarray", "key": path}
-    if isinstance(value, (list, tuple)):
-        return {"type": type(value).__name__, "items": [capture(v, f"{path}/{i}", tensors) for i, v in enumerate(value)]}
-    if isinstance(value, dict):
-        bad = [k for k in value if not isinstance(k, (str, int)) or isinstance(k, bool)]
-        if bad:
-            raise CheckpointError(f"cannot checkpoint {path}: dict keys must be str or int, found {bad[0]!r}")
-        return {"type": "dict", "items": [[k, capture(v, f"{path}/{k}", tensors)] for k, v in value.items()]}
-    if isinstance(value, BaseModel):
-        return {"type": "config"}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return {"type": "value", "value": value}
-    if isinstance(value, (np.integer, np.floating, np.bool_)):
-        return {"type": "value", "value": value.item()}
-    raise CheckpointError(
-        f"cannot checkpoint {path} of type {type(value).__name__}: keep state in modules, optimizers, tensors, "
-        "lists, dicts or JSON values, name the attribute in the algorithm's `transient`, or override "
-        "Algorithm.state() and load_state()"
-    )
-
-
-def restore(current: Any, node: dict[str, Any], tensors: dict[str, torch.Tensor], path: str,
-            new_model: Callable[..., nn.Module]) -> Any:
-    """``current`` updated in place from ``node`` where it can be (so other references stay valid), else a new value."""
-    kind = node["type"]
-    if kind == "module":
-        target = current
-        if not isinstance(target, nn.Module):
-            if node["init"] is None:
-                raise CheckpointError(f"checkpoint has a model at {path} that the algorithm did not create at start, "
-                                      "and it was not made with ctx.new_model, so it cannot be rebuilt")
-            init = node["init"]
-            target = new_model(*init["stream"], name=init["name"], outputs=init["outputs"])
-        target.load_state_dict({k: tensors[f"{path}/{k}"] for k in node["keys"]})
-        return target
-    if kind == "optimizer":
-        if not isinstance(current, torch.optim.Optimizer):
-            raise CheckpointError(f"checkpoint has an optimizer at {path}, but the algorithm has {type(current).__name__} there")
-        state = {int(idx): {name: (tensors[e["tensor"]] if "tensor" in e else e["value"]) for name, e in entries.items()}
-                 for idx, entries in node["state"].items()}
-        current.load_state_dict({"state": state, "param_groups": node["param_groups"]})
-        return current
-    if kind == "tensor":
-        t = tensors[node["key"]]
-        if isinstance(current, torch.Tensor) and current.shape == t.shape and current.dtype == t.dtype:
-            with torch.no_grad():
-                current.copy_(t)
-            return current
-        return t
-    if kind == "ndarray":
-        return tensors[node["key"]].numpy().copy()
-    if kind in ("list", "tuple"):
-        old = list(current) if isinstance(current, (list, tuple)) else []
-        items = [restore(old[i] if i < len(old) else None, n, tensors, f"{path}/{i}", new_model) for i, n in enumerate(node["items"])]
-        if kind == "tuple":
-            return tuple(items)
-        if isinstance(current, list):
-            current[:] = items
-            return current
-        return items
-    if kind == "dict":
-        old = current if isinstance(current, dict) else {}
-        items = {k: restore(old.get(k), n, tensors, f"{path}/{k}", new_model) for k, n in node["items"]}
-        if isinstance(current, dict):
-            current.clear()
-            current.update(items)
-            return current
-        return items
-    if kind == "config":
-        return current
-    return node["value"]
-
-
-def capture_attrs(obj: object, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Tensors and JSON tree of every attribute of ``obj`` not in ``skip``."""
-    tensors: dict[str, torch.Tensor] = {}
-    tree = {name: capture(value, f"alg/{name}", tensors) for name, value in vars(obj).items() if name not in skip}
-    return tensors, tree
-
-
-def restore_attrs(obj: object, tensors: dict[str, torch.Tensor], tree: dict[str, Any], new_model: Callable[..., nn.Module]) -> None:
-    """Set ``obj``'s attributes from a tree made by :func:`capture_attrs`."""
-    for name, node in tree.items():
-        setattr(obj, name, restore(getattr(obj, name, None), node, tensors, f"alg/{name}", new_model))
-
-
-def _plain(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().to("cpu").contiguous().clone()
-
-
-def _json_value(v: Any, path: str) -> Any:
-    try:
-        json.dumps(v)
-    except TypeError:
-        raise CheckpointError(f"cannot checkpoint {path}: {type(v).__name__} is neither a tensor nor a JSON value") from None
-    return v
 
 
 # ---------------------------------------------------------------- RNG states

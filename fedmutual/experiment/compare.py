@@ -8,9 +8,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-from fedmutual.config import Config
-from fedmutual.engine.runner import RunResult, prepare_data, run
+import numpy as np
+
+from fedmutual.config import Config, validate
+from fedmutual.data import ArrayDataset
 from fedmutual.errors import ConfigError
+from fedmutual.experiment.data import prepare_data
+from fedmutual.experiment.runner import RunResult, run
+from fedmutual.registry import ALGORITHMS
 from fedmutual.report.plots import plot_clients, plot_compare
 from fedmutual.report.tables import client_rows, markdown_table, summary_rows
 
@@ -22,29 +27,37 @@ class CompareResult:
     table: str
 
 
-def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False) -> CompareResult:
-    """Run each algorithm with ``cfg`` (only the algorithm changes) and write ``compare.md`` and ``compare.png``."""
-    from fedmutual.config import ALGORITHMS
+def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False, data: ArrayDataset | None = None,
+            partition: Sequence[np.ndarray] | None = None) -> CompareResult:
+    """Run each algorithm with ``cfg`` (only the algorithm changes) and write ``compare.md`` and ``compare.png``.
 
+    Every run gets the same data and partition: the config's, or ``data`` (e.g. from_arrays) and ``partition``
+    (each client's training indices) given from Python.
+    """
     bad = [a for a in algorithms if a not in ALGORITHMS]
     if bad or not algorithms:
-        raise ConfigError(f"--algorithms: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(ALGORITHMS)}")
+        raise ConfigError(f"--algorithms: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(ALGORITHMS.names())}, "
+                          "or import strings such as mypackage.module:Name")
+    configs = {a: validate({**cfg.to_dict(), "algorithm": a}) for a in algorithms}  # each checked before anything runs
     out_dir = Path(cfg.out) / (cfg.name or f"compare-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, RunResult] = {}
-    data = prepare_data(cfg)  # one partition for every algorithm
-    for a in algorithms:
+    prepared = prepare_data(cfg, data, partition, cfg.resolved_val_source())  # one partition for every algorithm
+    for a, acfg in configs.items():
         if not quiet:
             print(f"== {a} ==", file=sys.stderr, flush=True)
-        runs[a] = run(cfg.model_copy(update={"algorithm": a, "out": str(out_dir), "name": a}), quiet=quiet, data=data)
+        name = a.rsplit(":", 1)[-1] if ":" in a else a
+        runs[a] = run(validate({**acfg.to_dict(), "out": str(out_dir), "name": name}), quiet=quiet, data=prepared)
     header, rows = summary_rows({a: r.summary for a, r in runs.items()})
     title = f"{cfg.dataset}, {cfg.partition}, {cfg.clients} clients, {cfg.model_label}, {cfg.rounds} rounds, E={cfg.local_epochs}, seed {cfg.seed}"
     table = f"Top-1 accuracy (%) — {title}\n\n" + markdown_table(header, rows) + "\n\n" \
         "best = maximum over rounds (optimistic); final = last round. global = the global model on the full test set; " \
         "clients test = each client's deployable model on the full test set (mean); personal val = the same on its own validation split.\n"
-    baseline = next((a for a in ("independent", "local") if a in runs), None)
-    if "fml" in runs and baseline is not None:
-        table += "\n" + per_client_report(cfg, runs["fml"].metrics, runs[baseline].metrics, out_dir, title)
+    # each client's personalized model against the same model trained alone (FML's Fig. 5 and 6)
+    baseline = next((a for a in runs if ALGORITHMS.get(a).alone), None)
+    personal = next((a for a in runs if ALGORITHMS.get(a).personalized), None)
+    if personal is not None and baseline is not None:
+        table += "\n" + per_client_report(cfg, runs[personal].metrics, runs[baseline].metrics, out_dir, title)
     (out_dir / "compare.md").write_text(table)
     plot_compare({a: r.metrics for a, r in runs.items()}, out_dir / "compare.png", title)
     if not quiet:

@@ -15,7 +15,7 @@ from typing import Mapping
 
 import torch
 
-from fedmutual.transport.messages import Message, decode
+from fedmutual.protocol.messages import Message, decode
 
 HEADER_SLACK = 64 * 1024  # safetensors header bytes allowed beyond the tensor payload
 

@@ -15,10 +15,19 @@ from safetensors.torch import save as st_save
 
 @dataclass
 class Message:
-    """What one party sends another: named tensors and string metadata."""
+    """What one party sends another: named tensors and string metadata.
 
-    tensors: dict[str, torch.Tensor]
+    A message with neither is an acknowledgement (or a bare request): it carries nothing, so it
+    costs no bytes, and no deadline applies to it.
+    """
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        """Whether the message carries nothing (no tensors, no metadata)."""
+        return not self.tensors and not self.meta
 
 
 def encode(msg: Message) -> bytes:

@@ -1,0 +1,1 @@
+"""Experiments: what a run is made of and how it is carried out."""
