@@ -21,7 +21,7 @@ run: setup data
 	$(PY) -m fedmutual run
 
 # Packages type-checked by `make test` (settings: [tool.mypy] in pyproject.toml).
-MYPY_PATHS ?= fedmutual/engine
+MYPY_PATHS ?= fedmutual/engine fedmutual/protocol fedmutual/algorithms fedmutual/runtimes
 
 test: setup data
 	$(PY) -m mypy $(MYPY_PATHS)

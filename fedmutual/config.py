@@ -45,10 +45,13 @@ class PublicConfig(_Strict):
         if v is None:
             return v
         from fedmutual.data.datasets import DATASETS
+        from fedmutual.registry import canonical
 
-        key = v.lower().replace("_", "-")
-        if key not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r}; allowed: {', '.join(DATASETS)}")
+        key = canonical(v)
+        try:
+            DATASETS.get(key)
+        except ConfigError as e:
+            raise ValueError(str(e)) from None
         return key
 
 

@@ -98,9 +98,9 @@ class Registry(Generic[T]):
             raise ConfigError(f"{self.kind} {name!r}: {e}") from None
 
     def names(self) -> list[str]:
-        """Registered names (built-in first, in registration order), without plug-ins not yet loaded."""
+        """Registered names (built-in first, in registration order), without import strings and plug-ins not yet loaded."""
         self._load_builtin()
-        return list(self._entries)
+        return [k for k in self._entries if not is_import_string(k)]
 
     def __contains__(self, name: object) -> bool:
         try:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Literal
+from typing import Literal, Mapping
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
@@ -69,14 +70,14 @@ def draw_round(seed: int, t: int, num_clients: int, m: int, stream: str = "dfml"
     return chosen, chosen[int(rng.integers(len(chosen)))]
 
 
-def bundle(models: dict[int, dict[str, object]]) -> dict[str, object]:
+def bundle(models: Mapping[int, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Several owners' tensors in one message, named ``<owner>/<name>``."""
     return {f"{n}/{key}": v for n, state in models.items() for key, v in state.items()}
 
 
-def unbundle(tensors: dict[str, object]) -> dict[int, dict[str, object]]:
+def unbundle(tensors: Mapping[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
     """The owners' tensors back out of :func:`bundle`'s names, by owner in ascending order."""
-    out: dict[int, dict[str, object]] = {}
+    out: dict[int, dict[str, torch.Tensor]] = {}
     for name, v in tensors.items():
         owner, key = name.split("/", 1)
         out.setdefault(int(owner), {})[key] = v

@@ -126,7 +126,8 @@ class DMLFL(Algorithm):
         return {}
 
     def round(self, t: int, server: State, clients: list[int]) -> Round:
-        published = yield Ask("train.local", {k: Message() for k in clients}, content="probabilities", gather=True)
+        shape = compress(torch.zeros(len(self.run.public_set(t)[1]), self.run.num_outputs), self.settings.compression)
+        published = yield Ask("train.local", {k: Message() for k in clients}, like=shape, content="probabilities", gather=True)
         stats = {"train_loss_local": published.mean_loss(), "public_size": float(len(self.run.public_set(t)[1]))}
         if len(published) < 2 and not self.cfg.public.labels:
             return stats

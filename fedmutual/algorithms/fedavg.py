@@ -29,7 +29,7 @@ class FedAvgSettings(BaseModel):
 @register_algorithm
 class FedAvg(Algorithm):
     name = "fedavg"
-    Settings: type[BaseModel] = FedAvgSettings
+    Settings = FedAvgSettings
 
     def init_server(self) -> State:
         return State(global_=self.run.new_model("global"))

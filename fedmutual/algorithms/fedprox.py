@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import Field
 
-from pydantic import BaseModel, ConfigDict, Field
-
-from fedmutual.algorithms.fedavg import FedAvg
+from fedmutual.algorithms.fedavg import FedAvg, FedAvgSettings
 from fedmutual.registry import register_algorithm
 
 
-class FedProxSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+class FedProxSettings(FedAvgSettings):
     mu: float = Field(default=0.01, ge=0)
-    weighting: Literal["samples", "uniform"] = "samples"
 
 
 @register_algorithm

@@ -95,7 +95,7 @@ class RoundData:
         source = len(external[1]) if external is not None else n
         self.public_size = public_size if public_size is not None else n // (K + 1)
         if self.public_size < 1 or self.public_size > source:
-            raise ConfigError(f"dmlfl.public_size: {self.public_size} public samples asked for, but the source has {source}")
+            raise ConfigError(f"public.size: {self.public_size} public samples asked for, but the source has {source}")
         self.fold_size = (n - (self.public_size if self.carve else 0)) // K
         if folds and self.fold_size < 1:
             raise ConfigError(f"local_data = 'folds': {n} training samples are too few for {K} client folds and a public set")
@@ -169,15 +169,15 @@ def load_public_dataset(
     ds = load_dataset(name, data_dir, download)
     if tuple(ds.input_shape) != tuple(input_shape):
         raise ConfigError(
-            f"dmlfl.public_dataset: {ds.name} has inputs of shape {tuple(ds.input_shape)}, the run's dataset "
+            f"public.dataset: {ds.name} has inputs of shape {tuple(ds.input_shape)}, the run's dataset "
             f"{tuple(input_shape)}; the public set must have the same input shape"
         )
     y = ds.train_y
     if labelled and task is not None:
         if ds.num_classes != len(task.label_map):
             raise ConfigError(
-                f"dmlfl.public_dataset: {ds.name} has {ds.num_classes} classes, the run's dataset {len(task.label_map)}; "
-                "a labelled public set needs the same classes (or set dmlfl.public_labels = false)"
+                f"public.dataset: {ds.name} has {ds.num_classes} classes, the run's dataset {len(task.label_map)}; "
+                "a labelled public set needs the same classes (or set public.labels = false)"
             )
         y = task.apply(y)
     return ds.train_x.to(device), y.to(device)

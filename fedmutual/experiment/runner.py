@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -86,9 +87,16 @@ def build(cfg: Config, data: Prepared | ArrayDataset | None = None, partition: S
     return Built(prepared, alg, rt, clients, test_x, test_y)
 
 
+def slug(text: str) -> str:
+    """A short file-name-safe form of a config value (import strings and paths keep only their last name)."""
+    text = text.rsplit("/", 1)[-1].rsplit(":", 1)[-1] if ("/" in text or "." in text.split(":", 1)[0]) else text
+    return re.sub(r"[^A-Za-z0-9.+_-]+", "", text.replace(":", "")) or "x"
+
+
 def _run_dir(cfg: Config) -> Path:
     base = Path(cfg.out)
-    name = cfg.name or f"{Path(cfg.algorithm.replace(':', '.')).name}-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}"
+    name = cfg.name or (f"{slug(cfg.algorithm)}-{slug(cfg.dataset)}-{slug(cfg.partition)}-{slug(cfg.model_label)}-s{cfg.seed}-"
+                        f"{datetime.now():%Y%m%d-%H%M%S}")
     path, i = base / name, 1
     while path.exists():
         i += 1
@@ -193,7 +201,9 @@ def _execute(cfg: Config, quiet: bool, data: Prepared | ArrayDataset | None, par
         fields = recorded_fields(b.data)
         if "partition" in fields:
             fields["partition"] = f"indices:{(run_dir / 'partition.json').resolve()}"
-        write_json(run_dir / "config.json", {**cfg.to_dict(), **fields})
+        if fields:  # data given from Python: the record names what the run really used
+            cfg = validate({**cfg.to_dict(), **fields})
+        write_json(run_dir / "config.json", cfg.to_dict())
         rt.setup()  # e.g. a common initialization; its messages count in round 1
     else:
         run_dir = resume_dir

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from fedmutual.config import Config
+from fedmutual.errors import FedmutualError
 from fedmutual.protocol.asks import Round, Work
 from fedmutual.protocol.messages import Message
 from fedmutual.protocol.run import ClientEnv, RunSpec
@@ -118,7 +119,8 @@ class Algorithm(ABC):
     def handler(self, kind: str) -> HandlerFn:
         """The client handler of message type ``kind``."""
         if kind not in self._handlers:
-            raise KeyError(f"{self.name} has no client handler for {kind!r}; it handles: {', '.join(self._handlers) or 'nothing'}")
+            raise FedmutualError(f"{self.name} has no client handler for {kind!r}; it handles: {', '.join(self._handlers) or 'nothing'} "
+                                 "(mark a method with @handles(kind))")
         fn: HandlerFn = getattr(self, self._handlers[kind])
         return fn
 

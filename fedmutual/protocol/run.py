@@ -160,7 +160,7 @@ class RunSpec:
             torch.manual_seed(derive_seed(self.cfg.seed, "init", *stream))
             model = build_model(name, self.input_shape, outputs or self.num_outputs)
         # lets a saved state rebuild a model created on demand (fedmutual.protocol.state)
-        model.fedmutual_init = {"stream": list(stream), "name": name, "outputs": outputs}
+        setattr(model, "fedmutual_init", {"stream": list(stream), "name": name, "outputs": outputs})
         return model.to(self.device)
 
     def new_client_model(self, k: int, *stream: object) -> nn.Module:
@@ -206,9 +206,10 @@ class RunSpec:
 
     # ------------------------------------------------------------------ combining
 
-    def aggregate(self, states: list[Mapping[str, torch.Tensor]], weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    def aggregate(self, states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None) -> dict[str, torch.Tensor]:
         """Combine model states with the configured rule (``aggregation.rule``; robust rules ignore weights)."""
-        return aggregation.aggregate(states, self.cfg.aggregation.rule, weights, self.cfg.aggregation.trim)
+        return aggregation.aggregate(list(states), self.cfg.aggregation.rule, None if weights is None else list(weights),
+                                     self.cfg.aggregation.trim)
 
     def reduce(self, stacked: torch.Tensor) -> torch.Tensor:
         """Combine rows of stacked tensors (one per party, e.g. shared predictions) with the configured rule."""

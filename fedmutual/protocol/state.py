@@ -38,6 +38,9 @@ class State:
     def __getattr__(self, name: str) -> Any:  # only called for missing attributes; typed Any for handlers
         raise AttributeError(f"this party's state has no {name!r} (it holds: {', '.join(self.__dict__) or 'nothing'})")
 
+    def __setattr__(self, name: str, value: Any) -> None:  # any attribute may be set: a party's state is open
+        super().__setattr__(name, value)
+
     def get(self, name: str, default: Any = None) -> Any:
         return self.__dict__.get(name, default)
 
@@ -146,16 +149,16 @@ def restore(current: Any, node: dict[str, Any], tensors: dict[str, torch.Tensor]
     if kind == "ndarray":
         return tensors[node["key"]].numpy().copy()
     if kind in ("list", "tuple"):
-        old = list(current) if isinstance(current, (list, tuple)) else []
-        items = [restore(old[i] if i < len(old) else None, n, tensors, f"{path}/{i}", new_model) for i, n in enumerate(node["items"])]
+        seq = list(current) if isinstance(current, (list, tuple)) else []
+        listed = [restore(seq[i] if i < len(seq) else None, n, tensors, f"{path}/{i}", new_model) for i, n in enumerate(node["items"])]
         if kind == "tuple":
-            return tuple(items)
+            return tuple(listed)
         if isinstance(current, list):
-            current[:] = items
+            current[:] = listed
             return current
-        return items
+        return listed
     if kind == "dict":
-        old = current if isinstance(current, dict) else {}
+        old: dict[Any, Any] = current if isinstance(current, dict) else {}
         items = {k: restore(old.get(k), n, tensors, f"{path}/{k}", new_model) for k, n in node["items"]}
         if isinstance(current, dict):
             current.clear()

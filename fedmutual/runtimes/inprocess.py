@@ -21,6 +21,7 @@ so it is neither counted nor checked.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -36,6 +37,14 @@ from fedmutual.protocol.validation import MessageRejected, receive
 from fedmutual.runtimes.faults import RoundEvents, RoundPlan, attackers, corrupt
 
 Schema = Mapping[str, torch.Tensor]
+
+
+def _apply(handler: Callable[[State, Message, ClientEnv], Message | Work], msg: Message, env: ClientEnv, me: State) -> Message | Work:
+    return handler(me, msg, env)
+
+
+def _reply(work: Work, result: JobResult, me: State) -> Message:
+    return work.reply(result)
 
 
 class ClientCrash(Exception):
@@ -190,7 +199,10 @@ class InProcess:
         expect = ask.expect or {}
         delivered: list[tuple[int, Message]] = []
         for k, msg in ask.to.items():
-            if k in self.down:
+            if not 0 <= k < len(self.envs):
+                raise FedmutualError(f"{self.alg.name}: round {self.round + 1} asks client {k} ({ask.kind}), "
+                                     f"but the run has clients 0..{len(self.envs) - 1}")
+            if k in self.down or k in self.plan.dropped:  # offline: nothing reaches it
                 continue
             got = self._carry(src, k, msg, expect.get(k), "weights")
             if got is not None:
@@ -199,7 +211,7 @@ class InProcess:
         for k, msg in delivered:
             handler = self.alg.handler(ask.kind)
             env = self.envs[k]
-            outs.append((k, self._handle(k, lambda me, m=msg, e=env: handler(me, m, e))))
+            outs.append((k, self._handle(k, partial(_apply, handler, msg, env))))
         works = [o for _, o in outs if isinstance(o, Work)]
         results = dict(zip(map(id, works), self._train([w.job for w in works])))
         trained: dict[int, JobResult] = {}
@@ -211,7 +223,7 @@ class InProcess:
                     self._finish(k, None)
                     continue
                 trained[k] = result
-                answers.append((k, self._finish(k, lambda me, w=out, r=result: w.reply(r))))
+                answers.append((k, self._finish(k, partial(_reply, out, result))))
             else:
                 answers.append((k, out))
         replies = Replies(trained=trained)
@@ -224,7 +236,7 @@ class InProcess:
             need = self.cfg.faults.min_replies
             if len(others) < need:
                 self.events.skipped = True
-                attempted = sum(1 for k, _ in answers if k != src)
+                attempted = sum(1 for k, _ in delivered if k != src)
                 self.log(f"fedmutual: round {self.round + 1}: {len(others)} valid replies of {attempted} reached "
                          f"{party_name(src)}, fewer than faults.min_replies = {need}; the round is skipped")
                 return Replies(trained=trained)

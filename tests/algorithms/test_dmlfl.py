@@ -3,36 +3,41 @@ import math
 import pytest
 import torch
 
-from fedmutual.algorithms.dmlfl import DMLFL, compress, decompress
+from fedmutual.aggregation import median
+from fedmutual.algorithms.dmlfl import compress, consensus, decompress, unpack
 from fedmutual.config import Config, validate
-from fedmutual.engine.runner import run
 from fedmutual.errors import ConfigError
+from fedmutual.experiment.runner import run
+from fedmutual.runtimes.faults import RoundPlan
 
 SIX = (30, 22, 17, 25, 12, 20)  # 126 samples: a public fold of 126 // 7 = 18
 HET = dict(sizes=SIX, shape=(1, 16, 16), model="mlp,lenet5,cnn1", algorithm="dmlfl", local_epochs=1)
 
 
-def _messages(ctx):
-    return list(zip(ctx.transport.log, [m for _, _, m in ctx.transport.messages]))
+def _messages(rt):
+    return [((src, dst, nbytes, meta), msg) for (src, dst, nbytes, meta), (_, _, msg) in zip(rt.traffic.log, rt.messages)]
 
 
-def test_no_parameter_tensor_in_any_message_after_initialization(make_ctx):
-    ctx = make_ctx(**HET)
-    alg = DMLFL(ctx)
-    init = _messages(ctx)
+def test_no_parameter_tensor_in_any_message_after_initialization(make_runtime):
+    rt = make_runtime(**HET)
+    rt.setup()
+    init = _messages(rt)
     # the common initialization: one model per client, from the server, marked as such
     assert len(init) == 6 and all(meta == {"phase": "init"} and src == "server" for (src, _, _, meta), _ in init)
     assert sorted(dst for (_, dst, _, _), _ in init) == [f"client{k}" for k in range(6)]
     for (_, dst, _, _), msg in init:
-        assert msg.tensors.keys() == alg.models[int(dst[6:])].state_dict().keys()
-    ctx.transport.log.clear()
-    ctx.transport.messages.clear()
-    shapes = {tuple(p.shape) for m in alg.models for p in m.state_dict().values()}
+        model = rt.client_state(int(dst[6:])).model
+        assert msg.tensors.keys() == model.state_dict().keys()
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in msg.tensors.items())
+    # clients of one architecture start from the same weights (clients 0 and 3 are both MLPs)
+    assert all(torch.equal(v, rt.client_state(3).model.state_dict()[k]) for k, v in rt.client_state(0).model.state_dict().items())
+    rt.clear()
+    shapes = {tuple(p.shape) for k in range(6) for p in rt.client_state(k).model.state_dict().values()}
     for t in range(2):
-        alg.round(t, list(range(6)))
-    msgs = _messages(ctx)
+        rt.run_round(t, list(range(6)), RoundPlan())
+    msgs = _messages(rt)
     assert len(msgs) == 2 * 2 * 6  # per round: every client uploads once, the relay answers each once
-    params = [p.detach().flatten() for m in alg.models for p in m.parameters()]
+    params = [p.detach().flatten() for k in range(6) for p in rt.client_state(k).model.parameters()]
     for (src, dst, nbytes, meta), msg in msgs:
         assert "phase" not in meta and meta["round"] in ("1", "2")
         for name, tensor in msg.tensors.items():
@@ -46,19 +51,21 @@ def test_no_parameter_tensor_in_any_message_after_initialization(make_ctx):
             assert len(msg.tensors) == 5 and src == "server"  # the five other clients' predictions
 
 
-def test_each_client_is_taught_by_the_others_published_predictions(make_ctx):
-    ctx = make_ctx(**HET)
-    alg = DMLFL(ctx)
-    ctx.transport.log.clear()
-    ctx.transport.messages.clear()
-    alg.round(0, list(range(6)))
-    msgs = _messages(ctx)
+def test_each_client_is_taught_by_the_others_published_predictions(make_runtime):
+    rt = make_runtime(**HET)
+    rt.setup()
+    rt.clear()
+    rt.run_round(0, list(range(6)), RoundPlan())
+    msgs = _messages(rt)
     uploads = {src: m.tensors["probs"] for (src, dst, _, _), m in msgs if dst == "server"}
-    for (src, dst, _, _), m in msgs:
-        if src == "server":
-            assert set(m.tensors) == {f"{c}/probs" for c in uploads if c != dst}
-            for name, tensor in m.tensors.items():
-                assert torch.equal(tensor, uploads[name.split("/")[0]])
+    assert sorted(uploads) == sorted(f"client{k}" for k in range(6))
+    relays = [(dst, m) for (src, dst, _, _), m in msgs if src == "server"]
+    assert sorted(dst for dst, _ in relays) == sorted(uploads)
+    for dst, m in relays:
+        assert set(m.tensors) == {f"{c}/probs" for c in uploads if c != dst}  # only the others' predictions
+        for name, tensor in m.tensors.items():
+            assert torch.equal(tensor, uploads[name.split("/")[0]])
+        assert all(torch.equal(unpack(m.tensors, c)["probs"], uploads[c]) for c in uploads if c != dst)
 
 
 def test_compression_round_trips():
@@ -74,38 +81,58 @@ def test_compression_round_trips():
     assert torch.allclose(decompress(top, 4).sum(1), torch.ones(2))
 
 
+def test_consensus_renormalizes_a_median_of_predictions():
+    p = torch.tensor([[[0.7, 0.2, 0.1]], [[0.1, 0.8, 0.1]], [[0.4, 0.4, 0.2]]])  # three parties, one sample
+    m = median(p)  # (0.4, 0.4, 0.1): sums to 0.9
+    assert torch.allclose(m, torch.tensor([[0.4, 0.4, 0.1]]))
+    assert torch.allclose(consensus(m), torch.tensor([[0.4, 0.4, 0.1]]) / 0.9)
+    assert torch.equal(consensus(torch.tensor([[1.5], [-0.2]])), torch.tensor([[1.0], [0.0]]))  # binary: clamped
+
+
 @pytest.mark.parametrize("spec, payload", [("none", 18 * 4 * 4), ("fp16", 18 * 4 * 2), ("topk:1", 18 * (4 + 1))])
-def test_bytes_up_follow_the_compression(make_ctx, spec, payload):
-    ctx = make_ctx(**HET, dmlfl={"compression": spec})
-    alg = DMLFL(ctx)
-    ctx.transport.reset_counts()
-    alg.round(0, list(range(6)))
-    sent, received = ctx.transport.reset_counts()
+def test_bytes_up_follow_the_compression(make_runtime, spec, payload):
+    rt = make_runtime(**HET, dmlfl={"compression": spec})
+    rt.setup()
+    rt.traffic.reset()
+    rt.run_round(0, list(range(6)), RoundPlan())
+    sent, received = rt.traffic.reset()
     assert all(payload < sent[f"client{k}"] < payload + 250 for k in range(6))
     assert all(5 * payload < received[f"client{k}"] < 5 * (payload + 250) for k in range(6))
 
 
-def test_static_unlabelled_public_set_and_partition_local_data(make_ctx):
-    ctx = make_ctx(**HET, dmlfl={"public": "static", "public_labels": False, "public_size": 20, "collab_epochs": 2})
-    alg = DMLFL(ctx)
-    before = [p.detach().clone() for p in alg.models[0].parameters()]
-    x0 = ctx.round_data().public_set(0)[0]
-    stats = [alg.round(t, list(range(6))) for t in range(2)]
-    assert torch.equal(ctx.round_data().public_set(1)[0], x0)
+def test_static_unlabelled_public_set_and_partition_local_data(make_runtime):
+    rt = make_runtime(**HET, public={"mode": "static", "labels": False, "size": 20}, dmlfl={"collab_epochs": 2})
+    rt.setup()
+    before = [p.detach().clone() for p in rt.client_state(0).model.parameters()]
+    x0 = rt.alg.run.public_set(0)[0]
+    stats = [rt.run_round(t, list(range(6)), RoundPlan()) for t in range(2)]
+    assert torch.equal(rt.alg.run.public_set(1)[0], x0)
     assert all(s["public_size"] == 20 and s["train_loss_collab"] >= 0 for s in stats)  # a KL only: never negative
-    assert any(not torch.equal(a, b) for a, b in zip(before, alg.models[0].parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(before, rt.client_state(0).model.parameters()))
     # each client trains on its partition without the public samples it holds
-    n_local = sum(len(ctx.local_data(k, 0)[1]) for k in range(6))
+    n_local = sum(len(env.local_data()[1]) for env in rt.envs)
     assert n_local == sum(SIX) - 20
+    assert all(len(env.local_data()[1]) <= n for env, n in zip(rt.envs, SIX))
 
 
-def test_invalid_combinations_are_config_errors(make_ctx):
+def test_a_dynamic_public_set_is_a_fresh_fold_every_round(make_runtime):
+    rt = make_runtime(**HET)
+    (x0, y0), (x1, _) = rt.alg.run.public_set(0), rt.alg.run.public_set(1)
+    assert len(y0) == 18 and not torch.equal(x0, x1)
+    assert torch.equal(rt.alg.run.public_set(0)[0], x0)  # every party derives the same one
+
+
+def test_invalid_combinations_are_config_errors(make_runtime):
     with pytest.raises(ConfigError, match="dmlfl.kl: kl = 'faithful' is for a binary model"):
-        DMLFL(make_ctx(**HET, dmlfl={"kl": "faithful"}))
+        make_runtime(**HET, dmlfl={"kl": "faithful"})
     with pytest.raises(ConfigError, match=r"dmlfl.compression: invalid compression 'topk:0'"):
         validate({"algorithm": "dmlfl", "dmlfl": {"compression": "topk:0"}})
-    with pytest.raises(ConfigError, match=r"dmlfl.public_dataset: unknown dataset 'svhn'"):
-        validate({"algorithm": "dmlfl", "dmlfl": {"public_dataset": "svhn"}})
+    with pytest.raises(ConfigError, match=r"public.dataset: unknown dataset 'svhn'"):
+        validate({"algorithm": "dmlfl", "public": {"dataset": "svhn"}})
+    for old, new in [("public", "public.mode"), ("public_size", "public.size"), ("public_labels", "public.labels"),
+                     ("public_dataset", "public.dataset")]:
+        with pytest.raises(ConfigError, match=f"dmlfl.{old}: this setting moved to {new}"):
+            validate({"algorithm": "dmlfl", "dmlfl": {old: "static"}})
 
 
 REAL = dict(algorithm="dmlfl", clients=5, partition="iid", limit_train=900, limit_test=500, rounds=2, batch_size=32,
@@ -127,7 +154,7 @@ def test_binary_fashion_mnist_learns_and_the_same_seed_gives_the_same_metrics(tm
     row = a.metrics[-1]
     assert row["public_size"] == 150 and all(150 * 4 < up < 150 * 4 + 200 for up in row["bytes_up_per_client"])
     with pytest.raises(ConfigError, match="dmlfl.kl: kl = 'softmax' needs at least two outputs"):
-        run(cfg.model_copy(update={"dmlfl": cfg.dmlfl.model_copy(update={"kl": "softmax"})}), quiet=True)
+        run(Config(**REAL, task="binary:0,2,4,6", model="dmlcnn", dmlfl={"kl": "softmax"}, out=str(tmp_path)), quiet=True)
 
 
 def test_heterogeneous_ten_class_run_gives_the_same_metrics_on_either_engine(tmp_path):
@@ -147,35 +174,35 @@ def test_public_set_from_a_second_dataset_unlabelled(tmp_path):
     # Fashion-MNIST's own 60 000 training images as the second source: the clients keep the whole
     # (limited) training set, and 200 public samples a round come from the other source.
     cfg = Config(**{**REAL, "rounds": 2, "local_data": "partition"}, model="mlp", out=str(tmp_path),
-                 dmlfl={"public_dataset": "fashion_mnist", "public_size": 200, "public_labels": False})
+                 public={"dataset": "fashion_mnist", "size": 200, "labels": False})
     res = run(cfg, quiet=True)
     assert res.metrics[-1]["public_size"] == 200
     assert all(200 * 10 * 4 < up < 200 * 10 * 4 + 200 for up in res.metrics[-1]["bytes_up_per_client"])
 
 
-def test_second_dataset_public_set_leaves_the_partitions_whole(make_ctx):
-    ctx = make_ctx(sizes=(30, 22, 17), shape=(1, 28, 28), algorithm="dmlfl",
-                   dmlfl={"public_dataset": "fashion-mnist", "public_size": 50, "public_labels": False})
-    px, _ = ctx.round_data().public_set(0)
-    assert px.shape == (50, 1, 28, 28) and not torch.equal(px, ctx.round_data().public_set(1)[0])
-    for k, d in enumerate(ctx.clients):
-        assert ctx.local_data(k, 0)[0] is d.x
-    with pytest.raises(ConfigError, match=r"public_dataset: fashion-mnist has inputs of shape \(1, 28, 28\)"):
-        make_ctx(sizes=(30, 22), shape=(1, 8, 8), algorithm="dmlfl", dmlfl={"public_dataset": "fashion-mnist"}).round_data()
+def test_second_dataset_public_set_leaves_the_partitions_whole(make_runtime):
+    rt = make_runtime(sizes=(30, 22, 17), shape=(1, 28, 28), algorithm="dmlfl",
+                      public={"dataset": "fashion-mnist", "size": 50, "labels": False})
+    px, _ = rt.alg.run.public_set(0)
+    assert px.shape == (50, 1, 28, 28) and not torch.equal(px, rt.alg.run.public_set(1)[0])
+    for env in rt.envs:
+        assert env.local_data()[0] is env.data.x
+    with pytest.raises(ConfigError, match=r"public\.dataset: fashion-mnist has inputs of shape \(1, 28, 28\), the run's dataset \(1, 8, 8\)"):
+        make_runtime(sizes=(30, 22), shape=(1, 8, 8), algorithm="dmlfl", public={"dataset": "fashion-mnist"})
 
 
-def test_partial_participation_only_participants_publish_and_learn(make_ctx):
-    ctx = make_ctx(**HET, sample_fraction=0.5)
-    alg = DMLFL(ctx)
-    ctx.transport.log.clear()
-    parts = alg.sample(0)
+def test_partial_participation_only_participants_publish_and_learn(make_runtime):
+    rt = make_runtime(**HET, sample_fraction=0.5)
+    rt.setup()
+    rt.clear()
+    parts = rt.alg.sample(0)
     assert len(parts) == 3
-    before = [[p.detach().clone() for p in m.parameters()] for m in alg.models]
-    alg.round(0, parts)
-    assert sorted(src for src, dst, _, _ in ctx.transport.log if dst == "server") == [f"client{k}" for k in parts]
-    for (src, dst, _, _), (_, _, msg) in zip(ctx.transport.log, ctx.transport.messages[-6:]):
-        if src == "server":
-            assert len(msg.tensors) == 2  # the two other participants' predictions
-    for k, m in enumerate(alg.models):
-        changed = any(not torch.equal(a, b) for a, b in zip(before[k], m.parameters()))
+    before = [[p.detach().clone() for p in rt.client_state(k).model.parameters()] for k in range(6)]
+    rt.run_round(0, parts, RoundPlan())
+    assert sorted(src for src, dst, _, _ in rt.traffic.log if dst == "server") == [f"client{k}" for k in parts]
+    relays = [(dst, msg) for src, dst, msg in rt.messages if src == "server"]
+    assert sorted(dst for dst, _ in relays) == [f"client{k}" for k in parts]
+    assert all(len(msg.tensors) == 2 for _, msg in relays)  # the two other participants' predictions
+    for k in range(6):
+        changed = any(not torch.equal(a, b) for a, b in zip(before[k], rt.client_state(k).model.parameters()))
         assert changed == (k in parts)
