@@ -242,6 +242,9 @@ class StackedModel:
         if any(p is None for p in per_model):
             raise ValueError("only plain nn.Sequential models can be stacked")
         self.layers: list[tuple[str, _Layer]] = []
+        # each model's own name for each layer: models of one architecture may name their layers differently
+        # (a flat model and encoder + head), so buffers are written back by every model's own names
+        self._module_names = [[name for name, _ in layers] for layers in per_model if layers is not None]
         for group in zip(*per_model):
             self.layers.append((group[0][0], _convert([mod for _, mod in group])))
         self.skip_input_flatten = type(self.layers[0][1]) is _Flatten
@@ -305,7 +308,8 @@ class StackedModel:
         """Copy the stacked parameters and buffers into the original per-model modules."""
         for i, stacked in enumerate(self.params):
             torch._foreach_copy_([params[i] for params in self.member_params], self.unpack_all(i, stacked))
-        for prefix, layer in self.layers:
+        for li, (_, layer) in enumerate(self.layers):
             for name, buf in layer.buffers.items():
-                torch._foreach_copy_([getattr(m.get_submodule(prefix), name) for m in self.models], list(buf.unbind(0)))
+                targets = [getattr(m.get_submodule(names[li]), name) for m, names in zip(self.models, self._module_names)]
+                torch._foreach_copy_(targets, list(buf.unbind(0)))
 

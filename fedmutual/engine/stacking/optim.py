@@ -77,7 +77,9 @@ def optimizer_spec(opt: torch.optim.Optimizer, model: nn.Module) -> OptimSpec | 
         return OptimSpec("sgd", lr, wd, momentum=momentum)
     if type(opt) in (torch.optim.Adam, torch.optim.AdamW):
         betas, eps = common.get("betas"), _as_float(common.get("eps"))
-        beta1, beta2 = (_as_float(betas[0]), _as_float(betas[1])) if isinstance(betas, tuple) and len(betas) == 2 else (None, None)
+        beta1 = beta2 = None
+        if isinstance(betas, tuple) and len(betas) == 2:
+            beta1, beta2 = _as_float(betas[0]), _as_float(betas[1])
         if common.get("amsgrad") or beta1 is None or beta2 is None or eps is None:
             return None
         decoupled = bool(common.get("decoupled_weight_decay", type(opt) is torch.optim.AdamW))
