@@ -136,6 +136,11 @@ def _cmd_partition(ns: argparse.Namespace) -> None:
     print(f"heat map: {png}")
 
 
+def _one_line(e: BaseException) -> str:
+    """An exception as one plain line: its type and its message."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedmutual`` and ``python -m fedmutual``; returns the exit status."""
     parser = build_parser()
@@ -177,6 +182,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"fedmutual: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # the machine refused (a full disk, a read-only directory, permissions): not a bug in fedmutual
+        if ns.debug:
+            traceback.print_exc()
+        print(f"fedmutual: error: {_one_line(e)}", file=sys.stderr)
+        return FedmutualError.exit_code
     except KeyboardInterrupt:
         print("fedmutual: interrupted; metrics of completed rounds are on disk", file=sys.stderr)
         return 130

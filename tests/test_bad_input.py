@@ -114,6 +114,11 @@ def test_more_clients_than_samples(tmp_path, capsys):
     (["--clients", "10", "--set", "sample_fraction=0.2", "--set", "faults.min_replies=3"],
      "faults.min_replies: 3, but at most 2 clients take part in a round (10 clients, sample_fraction 0.2)"),
     (["--checkpoint-every", "-1"], "checkpoint_every: Input should be greater than or equal to 0 (got -1)"),
+    (["--set", "fml.alpha=1.5"], "fml.alpha.value: Input should be less than or equal to 1 (got 1.5)"),
+    (["--set", "fedavg.weighting=equal"], "fedavg.weighting: invalid value 'equal'; allowed: 'samples' or 'uniform'"),
+    (["--set", "dmlfl.public_size=100"], "dmlfl.public_size: this setting moved to public.size"),
+    (["--set", "public.size=0"], "public.size: Input should be greater than or equal to 1 (got 0)"),
+    (["--algorithm", "fedsgd"], "algorithm: unknown algorithm 'fedsgd'; allowed: fedavg, fedprox, local, "),
 ])
 def test_numbers_that_make_no_sense(tmp_path, capsys, args, message):
     assert message in refused(capsys, tmp_path, *args)

@@ -5,6 +5,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+from fedmutual.cli import main
+
 
 def fedmutual(*args, env=None, cwd=None):
     e = dict(os.environ, **(env or {}))
@@ -14,8 +18,8 @@ def fedmutual(*args, env=None, cwd=None):
 def test_invalid_value_exits_2_with_one_plain_message():
     r = fedmutual("run", "--algorithm", "fedsgd")
     assert r.returncode == 2
-    assert "algorithm: invalid value 'fedsgd'; allowed: 'fedavg', 'fedprox', 'local'" in r.stderr
-    assert "Traceback" not in r.stderr
+    assert "algorithm: unknown algorithm 'fedsgd'; allowed: fedavg, fedprox, local, " in r.stderr
+    assert r.stderr.startswith("fedmutual: error: ") and "Traceback" not in r.stderr
 
 
 def test_unknown_key_exits_2():
@@ -84,3 +88,61 @@ def test_heterogeneous_models_without_a_global_model_exit_2_and_write_nothing(tm
                   "--no-progress", "--out", str(tmp_path / "runs"))
     assert r.returncode == 2 and "global_model: fml needs a global model" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_moved_setting_exits_2_saying_where_it_went():
+    r = fedmutual("run", "--algorithm", "dmlfl", "--set", "dmlfl.public_size=500")
+    assert r.returncode == 2 and "dmlfl.public_size: this setting moved to public.size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_an_os_error_exits_2_with_one_plain_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    r = fedmutual("run", "--limit-train", "100", "--limit-test", "50", "--rounds", "1", "--model", "mlp", "--no-progress",
+                  "--out", str(blocker))
+    assert r.returncode == 2, r.stderr
+    (line,) = r.stderr.splitlines()
+    assert line.startswith("fedmutual: error: NotADirectoryError: ") and str(blocker) in line
+    r = fedmutual("--debug", "run", "--limit-train", "100", "--limit-test", "50", "--rounds", "1", "--model", "mlp", "--no-progress",
+                  "--out", str(blocker))
+    assert r.returncode == 2 and "Traceback" in r.stderr and r.stderr.splitlines()[-1].startswith("fedmutual: error: NotADirectoryError")
+
+
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failed_checkpoint_write_exits_2_and_the_summary_records_it(tmp_path, capsys, monkeypatch, debug):
+    from fedmutual.experiment import checkpoint
+
+    real = checkpoint.write
+
+    def write(directory, rounds_done, *args, **kwargs):
+        if rounds_done == 2:
+            raise OSError(28, "No space left on device")
+        return real(directory, rounds_done, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write", write)
+    code = main([*(["--debug"] if debug else []), "run", "--clients", "3", "--limit-train", "300", "--limit-test", "100", "--rounds", "3",
+                 "--model", "mlp", "--threads", "1", "--no-progress", "--out", str(tmp_path), "--name", "disk"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "fedmutual: error: OSError: [Errno 28] No space left on device\n" in err
+    assert ("Traceback" in err) == debug
+    summary = json.loads((tmp_path / "disk" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "OSError: [Errno 28] No space left on device"
+    rows = [json.loads(line) for line in (tmp_path / "disk" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["round"] == 1 and rows[0]["global_acc"] is not None
+    assert [p.name for p in (tmp_path / "disk" / "checkpoints").iterdir()] == ["round-000001"]
+
+
+def test_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    """Exceptions that are neither fedmutual's errors nor the machine's are bugs: they propagate with their traceback."""
+    from fedmutual.experiment import runner
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(runner, "evaluate", broken)
+    with pytest.raises(ZeroDivisionError, match="a bug"):
+        main(["run", "--clients", "2", "--limit-train", "100", "--limit-test", "50", "--rounds", "1", "--model", "mlp",
+              "--threads", "1", "--no-progress", "--out", str(tmp_path), "--name", "bug"])
+    summary = json.loads((tmp_path / "bug" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "ZeroDivisionError: a bug"

@@ -93,5 +93,5 @@ def test_public_set_from_a_second_dataset_leaves_the_pool_to_the_clients():
     assert len(px) == 90 and min(_ids(px)) >= 1000 and torch.bincount(py).tolist() == [30, 30, 30]
     assert _ids(rd.public_set(1)[0]) != _ids(px)
     assert rd.fold_size == 500 // 3
-    with pytest.raises(ConfigError, match="public_size: 301"):
+    with pytest.raises(ConfigError, match="public.size: 301"):
         RoundData(_clients(), seed=0, folds=True, dynamic=True, public_size=301, carve=True, external=(ext_x, ext_y))

@@ -1,17 +1,27 @@
 """End-to-end runs on a real Fashion-MNIST subset."""
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from fedmutual.algorithms import REGISTRY, FedAvg
+from fedmutual.algorithms import FedAvg
 from fedmutual.config import Config
-from fedmutual.engine.runner import run, sample_participants
 from fedmutual.errors import NonFiniteLossError
+from fedmutual.experiment.data import client_data, client_tasks, prepare_data
+from fedmutual.experiment.runner import build, evaluate, run
+from fedmutual.protocol import sample_participants
+from fedmutual.registry import ALGORITHMS
 from fedmutual.report.metrics import read_metrics
 
 QUICK = dict(clients=5, limit_train=2500, limit_test=1000, rounds=2, progress=False)
+
+
+def _replace_algorithm(monkeypatch, name, cls):
+    """Make the registry's ``name`` resolve to ``cls`` for one test."""
+    ALGORITHMS.names()  # the built-in algorithms are registered before one is replaced
+    monkeypatch.setitem(ALGORITHMS._entries, name, cls)
 
 
 def _without_timing(rows):
@@ -34,7 +44,7 @@ def test_fml_learns_on_real_fashion_mnist(tmp_path):
     summary = json.loads((res.run_dir / "summary.json").read_text())
     assert summary["final_global_acc"] == rows[-1]["global_acc"]
     assert summary["best_global_acc"] == max(r["global_acc"] for r in rows)
-    assert summary["status"] == "completed"
+    assert summary["status"] == "completed" and "error" not in summary
 
 
 def test_bytes_are_the_serialized_model_size(tmp_path):
@@ -69,18 +79,36 @@ def test_client_sampling_is_seeded_and_partial():
 
 def test_nan_loss_stops_cleanly_and_keeps_metrics(tmp_path, monkeypatch):
     class Poisoned(FedAvg):
-        def round(self, t, participants):
-            if t == 1:
-                self.ctx.clients[2].x[0] = float("nan")
-            return super().round(t, participants)
+        def train(self, me, msg, env):
+            if env.round == 1 and env.k == 2:
+                env.data.x[0] = float("nan")  # client 2's own data turns bad in round 2
+            return super().train(me, msg, env)
 
-    monkeypatch.setitem(REGISTRY, "fedavg", Poisoned)
+    _replace_algorithm(monkeypatch, "fedavg", Poisoned)
     with pytest.raises(NonFiniteLossError, match="client 2 in round 2"):
         run(Config(algorithm="fedavg", out=str(tmp_path), **{**QUICK, "rounds": 3}), quiet=True)
     (run_dir,) = list(tmp_path.iterdir())
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert [r["round"] for r in rows] == [1]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "failed"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 1
+    assert summary["error"].startswith("non-finite loss (nan) on client 2 in round 2")
+
+
+def test_any_exception_is_recorded_in_the_summary(tmp_path, monkeypatch):
+    class Broken(FedAvg):
+        def round(self, t, server, clients):
+            if t == 1:
+                raise RuntimeError("the coordinator broke")
+            return (yield from super().round(t, server, clients))
+
+    _replace_algorithm(monkeypatch, "fedavg", Broken)
+    with pytest.raises(RuntimeError, match="the coordinator broke"):
+        run(Config(algorithm="fedavg", out=str(tmp_path), **{**QUICK, "rounds": 3}), quiet=True)
+    (run_dir,) = list(tmp_path.iterdir())
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["error"] == "RuntimeError: the coordinator broke"
+    assert [r["round"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1] and summary["rounds_completed"] == 1
 
 
 def test_dfml_same_seed_same_metrics_and_holdout_validation(tmp_path):
@@ -90,10 +118,13 @@ def test_dfml_same_seed_same_metrics_and_holdout_validation(tmp_path):
     assert _without_timing(a.metrics) == _without_timing(b.metrics)
     assert a.metrics[-1]["global_acc"] is None and len(a.metrics[-1]["current_acc_global_test"]) == 4
     assert [r["peak_round"] for r in a.metrics] == [0.0, 0.0, 1.0]
-    sizes = json.loads((a.run_dir / "partition.json").read_text())
+    record = json.loads((a.run_dir / "partition.json").read_text())
     # DFML holds out 20% of each client's own data for validation
-    for n_train, n_val in zip(sizes["train_sizes"], sizes["val_sizes"]):
+    assert record["val_source"] == "train"
+    for n_train, n_val in zip(record["train_sizes"], record["val_sizes"]):
         assert n_val == round(0.2 * (n_train + n_val))
+    for train, val, assigned in zip(record["train"], record["val"], record["assigned"]):
+        assert sorted(train + val) == sorted(assigned) and not set(train) & set(val)
 
 
 def test_a_task_maps_labels_in_training_and_evaluation(tmp_path):
@@ -110,13 +141,9 @@ def test_each_client_is_labelled_and_evaluated_under_its_own_task():
     """Client 1's task groups T-shirt, pullover, coat and shirt (0, 2, 4, 6) against the rest."""
     from torch import nn
 
-    from fedmutual.algorithms.base import Context
-    from fedmutual.engine.runner import client_data, client_tasks, evaluate, prepare_data
-    from fedmutual.transport import InProcessTransport
-
     cfg = Config(algorithm="local", partition="iid", clients=2, limit_train=400, limit_test=200, task=["classes", "groups:0,2,4,6|1,3,5,7,8,9"])
     data = prepare_data(cfg)
-    tasks = client_tasks(cfg, 10)
+    tasks = client_tasks(cfg, 10, True)
     task, clients = client_data(data, tasks, torch.device("cpu"))
     assert task.spec == "classes" and [d.task.num_classes for d in clients] == [10, 2]
     upper = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0, 0, 0])  # dataset class -> class 0 (upper body) or 1, by hand
@@ -133,19 +160,25 @@ def test_each_client_is_labelled_and_evaluated_under_its_own_task():
         def forward(self, x):
             return torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), self.outputs).float()
 
+    b = build(cfg, data)
+    states = [b.runtime.client_state(k) for k in range(2)]
+
     class Fixed:
-        def global_model(self):
+        """Client k deploys a model that always answers class 0 of client k's task."""
+
+        def global_model(self, server):
             return None
 
-        def client_model(self, k):
+        def client_model(self, server, me):
+            k = next(i for i, s in enumerate(states) if s is me)
             return Always0(10 if k == 0 else 2)
 
-        def extra_models(self):
+        def extra_models(self, server, me):
             return {}
 
-    ctx = Context(cfg, clients, (1, 28, 28), 10, torch.device("cpu"), InProcessTransport())
-    out = evaluate(Fixed(), ctx, clients[0].test_x, clients[0].test_y)
+    out = evaluate(dataclasses.replace(b, alg=Fixed()), cfg)
     share = lambda y, c: float((y == c).float().mean())  # noqa: E731
+    assert out["global_acc"] is None
     assert out["client_acc_global_test"] == pytest.approx([share(data.test_y, 0), float(upper[data.test_y].float().mean())])
     assert out["client_acc_global_test"][1] == pytest.approx(0.4)  # 4 of 10 balanced classes are upper body
-    assert out["personal_acc"] == pytest.approx([share(clients[0].val_y, 0), share(clients[1].val_y, 0)])
+    assert out["personal_acc"] == pytest.approx([share(b.clients[0].val_y, 0), share(b.clients[1].val_y, 0)])

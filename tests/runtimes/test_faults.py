@@ -1,4 +1,4 @@
-"""Fault draws and attacks: seeded, at the configured rates, and with hand-checked corruptions."""
+"""Fault draws and attacks: seeded, at the configured rates, per tensor name, and with hand-checked corruptions."""
 
 import math
 
@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fedmutual.config import Config
-from fedmutual.faults import attackers, corrupt, plan_round
+from fedmutual.runtimes.faults import attackers, corrupt, plan_round
+from fedmutual.seeding import torch_generator
 
 
 def test_plan_is_seeded_and_per_client():
@@ -59,6 +60,20 @@ def test_noise_is_seeded_with_the_configured_scale():
     assert torch.equal(a, corrupt(cfg, x, None, "weights", 3, 1, "server")["w"])
     assert not torch.equal(a, corrupt(cfg, x, None, "weights", 4, 1, "server")["w"])
     assert abs(float(a.std()) - 0.5) < 0.02 and abs(float(a.mean())) < 0.02
+    assert not torch.equal(a, corrupt(cfg, x, None, "weights", 3, 1, "client0")["w"])  # the receiver is part of the stream
+
+
+def test_noise_draws_per_tensor_name_whatever_the_order_of_the_message():
+    cfg = Config(seed=7, attack={"kind": "noise", "scale": 1.0})
+    a = corrupt(cfg, {"w": torch.zeros(50), "b": torch.zeros(50)}, None, "weights", 2, 4, "server")
+    b = corrupt(cfg, {"b": torch.zeros(50), "w": torch.zeros(50)}, None, "weights", 2, 4, "server")
+    assert torch.equal(a["w"], b["w"]) and torch.equal(a["b"], b["b"])
+    assert not torch.equal(a["w"], a["b"])  # two tensors of one message get draws of their own
+    # the draw of tensor "w" is the stream (seed, "attack", round, client, receiver, "w")
+    g = torch_generator(7, "attack", 2, 4, "server", "w")
+    assert torch.equal(a["w"], torch.randn(50, generator=g, dtype=torch.float64).float())
+    alone = corrupt(cfg, {"w": torch.zeros(50)}, None, "weights", 2, 4, "server")
+    assert torch.equal(alone["w"], a["w"])  # a tensor's noise does not depend on the other tensors sent with it
 
 
 def test_prediction_attacks():
