@@ -56,7 +56,7 @@ class PublicConfig(_Strict):
 
 
 class FaultsConfig(_Strict):
-    """Simulated failing clients, drawn per round and client from the run seed (see fedmutual.faults)."""
+    """Simulated failing clients, drawn per round and client from the run seed (see fedmutual.runtimes.faults)."""
 
     dropout: float = Field(default=0.0, ge=0, le=1)  # probability a sampled client is offline for the round
     crash: float = Field(default=0.0, ge=0, le=1)  # probability its update raises an exception half-way
@@ -321,8 +321,22 @@ class Config(_Strict):
                              f"({self.clients} clients, sample_fraction {self.sample_fraction}); every round would be skipped")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+    def to_dict(self, all_tables: bool = False) -> dict[str, Any]:
+        """The config as JSON values: what ``config.json`` holds, and what :func:`validate` reads back.
+
+        It holds the built-in algorithms' tables and the configured algorithm's; tables of other plug-in
+        algorithms are left out (``all_tables`` keeps them), so that the record reruns in a process that never
+        imported those plug-ins.
+        """
+        data = self.model_dump(mode="json")
+        if not all_tables:
+            from fedmutual.registry import ALGORITHMS
+
+            keep = {ALGORITHMS.get(n).name for n in ALGORITHMS.builtin_names()} | {self.algorithm_class().name}
+            for key in self.tables():
+                if key not in keep:
+                    data.pop(key, None)
+        return data
 
 
 #: settings that moved to another table, for a plain message instead of "unknown key"

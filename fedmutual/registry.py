@@ -70,10 +70,9 @@ class Registry(Generic[T]):
             self._loaded = True
             assert self._builtin is not None
             importlib.import_module(self._builtin)
-            self._builtin_names = list(self._entries)
 
     def builtin_names(self) -> list[str]:
-        """The names that fedmutual itself registers."""
+        """The names that fedmutual itself registers (entries defined in the built-in package)."""
         self._load_builtin()
         return list(self._builtin_names)
 
@@ -87,6 +86,9 @@ class Registry(Generic[T]):
             raise ValueError(f"a {self.kind} named {key!r} is already registered; pass replace=True to replace it")
         entry = self._checked(key, obj)
         self._entries[key] = entry
+        module = str(getattr(obj, "__module__", ""))
+        if self._builtin is not None and module.startswith(self._builtin + ".") and key not in self._builtin_names:
+            self._builtin_names.append(key)
         return entry
 
     def _checked(self, name: str, obj: object) -> T:

@@ -38,7 +38,7 @@ def compare(cfg: Config, algorithms: Sequence[str], quiet: bool = False, data: A
     if bad or not algorithms:
         raise ConfigError(f"--algorithms: unknown {', '.join(bad) or '(none given)'}; allowed: {', '.join(ALGORITHMS.names())}, "
                           "or import strings such as mypackage.module:Name")
-    configs = {a: validate({**cfg.to_dict(), "algorithm": a}) for a in algorithms}  # each checked before anything runs
+    configs = {a: validate({**cfg.to_dict(all_tables=True), "algorithm": a}) for a in algorithms}  # each checked before anything runs
     out_dir = Path(cfg.out) / (cfg.name or f"compare-{cfg.dataset}-{cfg.partition.replace(':', '')}-{cfg.model_label}-s{cfg.seed}-{datetime.now():%Y%m%d-%H%M%S}")
     out_dir.mkdir(parents=True, exist_ok=True)
     runs: dict[str, RunResult] = {}
