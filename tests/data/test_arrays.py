@@ -12,14 +12,6 @@ from fedmutual.data import DATASETS, ArrayDataset, from_arrays, load_dataset, re
 from fedmutual.errors import ConfigError, DataError
 
 
-@pytest.fixture(autouse=True)
-def _restore_datasets():
-    saved = dict(DATASETS._entries)
-    yield
-    DATASETS._entries.clear()
-    DATASETS._entries.update(saved)
-
-
 def _arrays(n=30, m=10, shape=(5, 4), classes=3, seed=0, dtype=np.uint8):
     rng = np.random.default_rng(seed)
     tx = rng.integers(0, 256, (n, *shape)).astype(dtype)

@@ -12,14 +12,6 @@ from fedmutual.errors import ConfigError
 from fedmutual.seeding import numpy_rng
 
 
-@pytest.fixture(autouse=True)
-def _restore_partitions():
-    saved = dict(PARTITIONS._entries)
-    yield
-    PARTITIONS._entries.clear()
-    PARTITIONS._entries.update(saved)
-
-
 def by_label(labels, k, seed, arg):
     """Client c gets the samples whose label is c mod k, in a seeded order; ``arg`` caps each client."""
     cap = int(arg) if arg is not None else None

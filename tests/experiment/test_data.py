@@ -19,14 +19,6 @@ from fedmutual.experiment.data import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _restore_datasets():
-    saved = dict(DATASETS._entries)
-    yield
-    DATASETS._entries.clear()
-    DATASETS._entries.update(saved)
-
-
 def _data(n=60, m=24, classes=3, seed=0, name="toy"):
     rng = np.random.default_rng(seed)
     return from_arrays(rng.integers(0, 256, (n, 2, 4, 4), dtype=np.uint8), np.arange(n) % classes,

@@ -46,14 +46,6 @@ def nets(tmp_path, monkeypatch):
     sys.modules.pop(name, None)
 
 
-@pytest.fixture(autouse=True)
-def _restore_models():
-    saved = dict(MODELS._entries)
-    yield
-    MODELS._entries.clear()
-    MODELS._entries.update(saved)
-
-
 def bn_net(input_shape, num_outputs):
     """A flat Sequential with BatchNorm, ending in a parameterless layer after the classifier."""
     c, h, w = input_shape
