@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from fedmutual.engine.cohort import Member, accuracy
-from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, State, Work, handles, state_of
+from fedmutual.protocol import Algorithm, Ask, ClientEnv, Message, Round, RunSpec, State, Work, handles, state_of
 from fedmutual.registry import register_algorithm
 
 
@@ -42,6 +42,10 @@ class AsyncFL(Algorithm):
     name = "asyncfl"
     Settings = AsyncFLSettings
 
+    def __init__(self, run: RunSpec):
+        super().__init__(run)
+        self.layers = layer_groups(run.new_model("global"))  # every client has this architecture
+
     def group(self, t: int) -> str:
         """The layers round t (0-based) updates: ``dense`` every ``dense_every``-th round, ``conv`` otherwise."""
         return "dense" if (t + 1) % self.settings.dense_every == 0 else "conv"
@@ -57,7 +61,7 @@ class AsyncFL(Algorithm):
         return {}
 
     def round(self, t: int, server: State, clients: list[int]) -> Round:
-        layers = layer_groups(self.run.new_model("global"))[self.group(t)]
+        layers = self.layers[self.group(t)]
         replies = yield Ask("train.local", {k: Message() for k in clients}, gather=bool(layers))
         if not layers:  # nothing to exchange this round (an MLP has no conv layers): the clients only trained
             return {"train_loss": replies.mean_loss(), "dense_round": float(self.group(t) == "dense"), "val_acc_mean": float("nan")}
@@ -79,7 +83,7 @@ class AsyncFL(Algorithm):
     def train(self, me: State, msg: Message, env: ClientEnv) -> Work:
         """Train the own model; reply with this round's layers and their accuracy on the own validation split."""
         def reply(_: object) -> Message:
-            keys = layer_groups(me.model)[self.group(env.round)]
+            keys = self.layers[self.group(env.round)]
             if not keys:
                 return Message()
             acc = accuracy(me.model, env.data.val_x, env.data.val_y, self.cfg.eval_batch_size)

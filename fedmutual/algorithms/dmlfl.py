@@ -126,9 +126,10 @@ class DMLFL(Algorithm):
         return {}
 
     def round(self, t: int, server: State, clients: list[int]) -> Round:
-        shape = compress(torch.zeros(len(self.run.public_set(t)[1]), self.run.num_outputs), self.settings.compression)
+        size = len(self.run.public_set(t)[1])
+        shape = compress(torch.zeros(size, self.run.num_outputs), self.settings.compression)  # what a publication must match
         published = yield Ask("train.local", {k: Message() for k in clients}, like=shape, content="probabilities", gather=True)
-        stats = {"train_loss_local": published.mean_loss(), "public_size": float(len(self.run.public_set(t)[1]))}
+        stats = {"train_loss_local": published.mean_loss(), "public_size": float(size)}
         if len(published) < 2 and not self.cfg.public.labels:
             return stats
         relays = {k: Message({f"client{j}/{n}": v for j, m in published.items() if j != k for n, v in m.tensors.items()},

@@ -22,7 +22,7 @@ from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import accuracy
 from fedmutual.engine.evaluation import shared_accuracies
 from fedmutual.engine.setup import configure_threads, resolve_device
-from fedmutual.errors import ConfigError, DataError, NonFiniteLossError
+from fedmutual.errors import DataError, NonFiniteLossError
 from fedmutual.experiment import checkpoint
 from fedmutual.experiment.checkpoint import CheckpointError
 from fedmutual.experiment.data import Prepared, client_data, client_tasks, partition_record, prepare_data, recorded_fields

@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from fedmutual.config import Config
 from fedmutual.engine.cohort import ClientJob, JobResult, count_steps, run_cohort, train_job
 from fedmutual.errors import ConfigError, FedmutualError
 from fedmutual.protocol import Algorithm, Ask, ClientData, ClientEnv, Message, Replies, Round, State, Work

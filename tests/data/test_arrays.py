@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fedmutual.config import validate
-from fedmutual.data import DATASETS, ArrayDataset, from_arrays, load_dataset, register_dataset, write_idx
+from fedmutual.data import ArrayDataset, from_arrays, load_dataset, register_dataset, write_idx
 from fedmutual.errors import ConfigError, DataError
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from fedmutual.config import validate
-from fedmutual.data import PARTITIONS, check_partition, parse_partition, partition, read_indices, register_partition
+from fedmutual.data import check_partition, parse_partition, partition, read_indices, register_partition
 from fedmutual.errors import ConfigError
 from fedmutual.seeding import numpy_rng
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from fedmutual.config import validate
 from fedmutual.errors import ConfigError
-from fedmutual.models import MODELS, build_encoder, build_model, parse_model_spec, register_model
+from fedmutual.models import build_encoder, build_model, parse_model_spec, register_model
 
 NETS = textwrap.dedent('''
     from torch import nn
