@@ -32,6 +32,7 @@ LAYERS = (
     "fedmutual.algorithms",
     "fedmutual.runtimes",
     "fedmutual.experiment",
+    "fedmutual.deploy",  # parties on their own machines: nodes and the Flower apps
     "fedmutual.cli",
 )
 ALGORITHMS = "fedmutual.algorithms"

@@ -57,9 +57,19 @@ class Built:
     test_y: torch.Tensor
 
 
-def build(cfg: Config, data: Prepared | ArrayDataset | None = None, partition: Sequence[np.ndarray] | None = None,
-          log: Callable[[str], None] | None = None, runtime: type[InProcess] = InProcess) -> Built:
-    """Everything a run needs before its directory exists; every refusal of the config or the data happens here."""
+@dataclass
+class Parties:
+    """What every party of a run derives alike from the config: the data, the algorithm and each client's data."""
+
+    data: Prepared
+    alg: Algorithm
+    clients: list[ClientData]
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def prepare_run(cfg: Config, data: Prepared | ArrayDataset | None = None, partition: Sequence[np.ndarray] | None = None) -> Parties:
+    """The run's data, split among its clients, and its algorithm; every refusal of the config or the data happens here."""
     device = resolve_device(cfg.device)
     alg_cls = cfg.algorithm_class()
     if isinstance(data, Prepared):
@@ -82,9 +92,15 @@ def build(cfg: Config, data: Prepared | ArrayDataset | None = None, partition: S
         rounds = RoundData([(c.x, c.y) for c in clients], cfg.seed, cfg.local_data == "folds", p.mode == "dynamic",
                            p.size, carve=True, external=external)
     spec = RunSpec(cfg, ds.input_shape, task.num_classes, device, task, [c.task for c in clients], alg_cls.name, rounds)
-    alg = alg_cls(spec)
-    rt = runtime(alg, client_envs(alg, clients), log=log)
-    return Built(prepared, alg, rt, clients, test_x, test_y)
+    return Parties(prepared, alg_cls(spec), clients, test_x, test_y)
+
+
+def build(cfg: Config, data: Prepared | ArrayDataset | None = None, partition: Sequence[np.ndarray] | None = None,
+          log: Callable[[str], None] | None = None, runtime: Callable[..., InProcess] = InProcess) -> Built:
+    """Everything a run needs before its directory exists: :func:`prepare_run` and the runtime holding its parties."""
+    p = prepare_run(cfg, data, partition)
+    rt = runtime(p.alg, client_envs(p.alg, p.clients), log=log)
+    return Built(p.data, p.alg, rt, p.clients, p.test_x, p.test_y)
 
 
 def slug(text: str) -> str:
@@ -109,6 +125,9 @@ def evaluate(b: Built, cfg: Config) -> dict[str, Any]:
     """global_acc, and each client's deployable model on the test set and on its validation split."""
     alg, rt, test_x, test_y, bs = b.alg, b.runtime, b.test_x, b.test_y, cfg.eval_batch_size
     server = rt.server_state()
+    remote = rt.client_accuracies(server)
+    if remote is not None:  # the clients' states live on their nodes, which measured them
+        return _assemble(alg.global_model(server), remote, test_x, test_y, bs)
     states = [rt.client_state(k) for k in range(len(b.clients))]
 
     def shared(d: ClientData) -> bool:  # the client is tested on the run's test set under the run's task
@@ -147,13 +166,33 @@ def evaluate(b: Built, cfg: Config) -> dict[str, Any]:
     return out
 
 
+def _assemble(g: torch.nn.Module | None, per_client: list[dict[str, Any]], test_x: torch.Tensor, test_y: torch.Tensor,
+              bs: int) -> dict[str, Any]:
+    """:func:`evaluate`'s fields from each client's accuracies measured where its state lives (None: not measured)."""
+
+    def mean(vals: list[float | None]) -> float | None:
+        got = [v for v in vals if v is not None]
+        return float(np.mean(got)) if got else None
+
+    out: dict[str, Any] = {"global_acc": accuracy(g, test_x, test_y, bs) if g is not None else None}
+    out["client_acc_global_test"] = [c["test"] for c in per_client]
+    out["personal_acc"] = [c["val"] for c in per_client]
+    out["client_acc_global_test_mean"] = mean(out["client_acc_global_test"])
+    out["personal_acc_mean"] = mean(out["personal_acc"])
+    names = list(dict.fromkeys(n for c in per_client for n in c["extra"]))
+    for name in names:
+        accs = [c["extra"].get(name) for c in per_client]
+        out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, mean(accs)
+    return out
+
+
 def _log(msg: str, quiet: bool) -> None:
     if not quiet:
         print(msg, file=sys.stderr, flush=True)
 
 
 def run(cfg: Config, quiet: bool = False, data: Prepared | ArrayDataset | None = None,
-        partition: Sequence[np.ndarray] | None = None, runtime: type[InProcess] = InProcess) -> RunResult:
+        partition: Sequence[np.ndarray] | None = None, runtime: Callable[..., InProcess] = InProcess) -> RunResult:
     """Run one federated experiment end to end and write its run directory.
 
     ``data`` is a dataset from Python (e.g. :func:`fedmutual.data.from_arrays`) instead of the config's
@@ -170,7 +209,8 @@ def run(cfg: Config, quiet: bool = False, data: Prepared | ArrayDataset | None =
     return _execute(cfg, quiet, data, partition, None, runtime)
 
 
-def resume(run_dir: str | Path, quiet: bool = False, data: Prepared | ArrayDataset | None = None) -> RunResult:
+def resume(run_dir: str | Path, quiet: bool = False, data: Prepared | ArrayDataset | None = None,
+           runtime: Callable[..., InProcess] = InProcess) -> RunResult:
     """Continue the run in ``run_dir`` from its newest checkpoint that verifies.
 
     The config is the run's own ``config.json``; metrics of rounds after the checkpoint are
@@ -184,11 +224,11 @@ def resume(run_dir: str | Path, quiet: bool = False, data: Prepared | ArrayDatas
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"--resume {run_dir}: config.json is not valid JSON ({e})") from None
-    return _execute(validate(raw), quiet, data, None, run_dir, InProcess)
+    return _execute(validate(raw), quiet, data, None, run_dir, runtime)
 
 
 def _execute(cfg: Config, quiet: bool, data: Prepared | ArrayDataset | None, partition: Sequence[np.ndarray] | None,
-             resume_dir: Path | None, runtime: type[InProcess]) -> RunResult:
+             resume_dir: Path | None, runtime: Callable[..., InProcess]) -> RunResult:
     threads = configure_threads(cfg.threads)
     torch.manual_seed(derive_seed(cfg.seed, "torch"))  # the global generator draws dropout masks
     b = build(cfg, data, partition, log=lambda m: _log(m, quiet), runtime=runtime)  # refuses a bad setting before anything is written

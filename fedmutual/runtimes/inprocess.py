@@ -139,6 +139,11 @@ class InProcess:
         """One exchange of the coordinator's round."""
         return self._exchange(ask)
 
+    def client_accuracies(self, server: State) -> list[dict[str, Any]] | None:
+        """Each client's accuracies measured where its state lives (see :func:`fedmutual.runtimes.remote.client_accuracies`),
+        or None when the caller can evaluate the clients' states itself, as here."""
+        return None
+
     def dump(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Every party's state as (tensors, JSON tree) for a checkpoint."""
         tensors, tree = dump(self.server_state(), "server/")
@@ -230,15 +235,18 @@ class InProcess:
             got = self._carry(k, src, reply, ask.like, ask.content)
             if got is not None:
                 replies[k] = got
+        return self._quorum(ask, src, replies, sum(1 for k, _ in delivered if k != src))
+
+    def _quorum(self, ask: Ask, src: int | None, replies: Replies, attempted: int) -> Replies:
+        """The replies, or none (the round skipped) when a gathering ask got fewer than ``faults.min_replies``."""
         if ask.gather and (src is None or src not in self.down):
             others = [k for k in replies if k != src]
             need = self.cfg.faults.min_replies
             if len(others) < need:
                 self.events.skipped = True
-                attempted = sum(1 for k, _ in delivered if k != src)
                 self.log(f"fedmutual: round {self.round + 1}: {len(others)} valid replies of {attempted} reached "
                          f"{party_name(src)}, fewer than faults.min_replies = {need}; the round is skipped")
-                return Replies(trained=trained)
+                return Replies(trained=replies.trained)
         return replies
 
     def _carry(self, src: int | None, dst: int | None, msg: Message, like: Schema | None, content: str) -> Message | None:
