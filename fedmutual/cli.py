@@ -91,7 +91,30 @@ def build_parser() -> argparse.ArgumentParser:
     p_cl.add_argument("fml_run", help="run directory of the FML run")
     p_cl.add_argument("alone_run", help="run directory of the independent (or local) run on the same data")
     p_cl.add_argument("--out", default=None, help="where clients.md and the figures go (default: the FML run directory)")
+    p_fl = sub.add_parser("flower", help="deploy on Flower: one SuperLink, a SuperNode per client")
+    fl_sub = p_fl.add_subparsers(dest="flower_command")
+    p_app = fl_sub.add_parser("app", help="write a runnable Flower app for a config (then: flwr run DIR fedmutual)")
+    p_app.add_argument("dir", help="directory of the app (created)")
+    _add_run_options(p_app)
+    p_app.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's address HOST:PORT for `flwr run` (default 127.0.0.1:9093)")
+    p_app.add_argument("--root-certificates", default=None, metavar="CA.crt", help="the CA certificate that signed the SuperLink's TLS certificate")
+    p_app.add_argument("--insecure", action="store_true", help="connect without TLS (a trial on one machine only)")
     return parser
+
+
+def _cmd_flower(ns: argparse.Namespace) -> None:
+    from fedmutual.config import ConfigError, build_config
+    from fedmutual.deploy.app import CONNECTION, write_app
+
+    if ns.flower_command != "app":
+        raise ConfigError("fedmutual flower: give a subcommand: app")
+    cfg = build_config(ns.config, _overrides(ns), ns.sets)
+    cfg.algorithm_class()  # an unknown algorithm is refused before anything is written
+    d = write_app(cfg, ns.dir, ns.superlink, ns.root_certificates, ns.insecure)
+    print(f"Flower app for {cfg.algorithm} ({cfg.clients} clients, {cfg.rounds} rounds) in {d}")
+    print(f"  1. add {d / 'superlink.toml'} to $FLWR_HOME/config.toml (default ~/.flwr/config.toml)")
+    print(f"  2. start each client's SuperNode with --node-config \"partition-id=K num-partitions={cfg.clients}\"")
+    print(f"  3. flwr run {d} {CONNECTION}   (then: flwr ls {CONNECTION} --format json for its status)")
 
 
 def _cmd_clients(ns: argparse.Namespace) -> None:
@@ -164,6 +187,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if ns.command == "clients":
             _cmd_clients(ns)
+            return 0
+        if ns.command == "flower":
+            _cmd_flower(ns)
             return 0
         from fedmutual.config import build_config
 
