@@ -22,7 +22,8 @@ from fedmutual.errors import ConfigError
 
 CONNECTION = "fedmutual"
 
-_RUN_DEFAULTS: dict[str, Any] = {"config": "", "out": "", "name": "", "resume": "", "timeout": 600.0, "wait": 600.0}
+_RUN_DEFAULTS: dict[str, Any] = {"config": "", "out": "", "name": "", "resume": "", "timeout": 600.0, "wait": 600.0,
+                              "record-messages": False}
 
 _COMMENTS = {
     "config": "the fedmutual config (JSON), as `fedmutual flower app` wrote it",
@@ -31,6 +32,7 @@ _COMMENTS = {
     "resume": "a run directory to continue from its last checkpoint (empty: a new run)",
     "timeout": "deadline of one exchange with the SuperNodes, in seconds",
     "wait": "seconds to wait for every client's SuperNode to connect",
+    "record-messages": "write every message's sender, receiver, bytes and tensor shapes to the run's messages.jsonl",
 }
 
 

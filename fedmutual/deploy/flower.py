@@ -11,7 +11,8 @@ Run config (``flwr run DIR --run-config "key=value ..."``):
 - ``out``: the parent directory of run directories on the SuperLink's machine (default: the config's ``out``);
 - ``name``: the run directory's name (default: derived from the config and the time);
 - ``resume``: a run directory to continue from its last checkpoint (its own ``config.json`` applies);
-- ``timeout``: the deadline of one exchange, in seconds; ``wait``: how long to wait for every client's SuperNode.
+- ``timeout``: the deadline of one exchange, in seconds; ``wait``: how long to wait for every client's SuperNode;
+- ``record-messages``: write every message's sender, receiver, bytes and tensor shapes to ``messages.jsonl``.
 
 Node config (``flower-supernode --node-config "partition-id=0 num-partitions=3"``):
 
@@ -64,7 +65,7 @@ def serve(grid: Any, rc: Mapping[str, Any]) -> None:
 
     cfg = app_config(rc)
     factory = partial(Remote, transport=GridTransport(grid), timeout=float(rc.get("timeout", 600.0)),
-                      wait=float(rc.get("wait", 600.0)))
+                      wait=float(rc.get("wait", 600.0)), record=bool(rc.get("record-messages", False)))
     if rc.get("resume"):
         run_dir = Path(str(rc["resume"]))
         if (run_dir / "config.json").is_file():
@@ -105,7 +106,9 @@ class FedmutualClientApp(ClientApp):
 
     def __call__(self, message: Message, context: Context) -> Message:
         node = node_for(context.node_config, context.run_config)
-        reply = node.handle(message.metadata.message_type, from_record(message.content))
+        req = from_record(message.content)
+        kind = str(req.pop("kind", message.metadata.message_type))
+        reply = node.handle(kind, req)
         return Message(to_record(reply), reply_to=message)
 
 

@@ -81,13 +81,18 @@ class Node:
             self.log(f"fedmutual: client {self.k}: {kind}: {e}")
             return {"error": str(e)}
 
-    def _state(self, req: Payload, t: int) -> State:
+    def _state(self, req: Payload, t: int, what: str) -> State:
+        """The client's state for a request of round ``t``, from disk (see :class:`StateStore`)."""
         store = self.store(str(req["run"]))
         me = self.alg.init_client(self.env)
         key = store.find(t, as_int(req, "session"))
-        if key is not None:
+        if key is None:
+            source = "its initial state"
+        else:
             tensors, tree = store.read(key)
             load(me, tensors, tree, self.alg.run.new_model)
+            source = f"its state of round {key[0] + 1} (session {key[1]})" if key[0] >= 0 else "its state after setup"
+        self.log(f"fedmutual: client {self.k}: {what} from {source}")
         return me
 
     def _run(self, kind: str, req: Payload) -> Payload:
@@ -98,7 +103,7 @@ class Node:
         if device.type != "cpu":
             msg.tensors = {n: v.to(device) for n, v in msg.tensors.items()}
         handler = self.alg.handler(kind)
-        me = self._state(req, t)
+        me = self._state(req, t, f"{kind} ({'setup' if t < 0 else f'round {t + 1}'})")
         self.env.round = max(t, 0)
         out = handler(me, msg, self.env)
         reply: Payload = {}
@@ -115,7 +120,7 @@ class Node:
 
     def _evaluate(self, req: Payload) -> Payload:
         t = as_int(req, "round")
-        me = self._state(req, t + 1)  # the state after round t
+        me = self._state(req, t + 1, f"evaluation after round {t + 1}")  # the state after round t
         self.env.round = max(t, 0)
         server = server_from(req, self.alg)
         with torch.no_grad():

@@ -276,6 +276,9 @@ def _execute(cfg: Config, quiet: bool, data: Prepared | ArrayDataset | None, par
                 rt.log(f"fedmutual: round {t + 1}: every sampled client dropped out; the round is skipped")
             step_bar.close()
             sent, received = rt.traffic.reset()
+            if rt.traffic.record:  # the messages themselves: who sent what to whom, tensor names, dtypes and shapes
+                with open(run_dir / "messages.jsonl", "a") as f:
+                    f.writelines(json.dumps({"round": t + 1, **m}) + "\n" for m in rt.traffic.take())
             row: dict[str, Any] = {"round": t + 1, "participants": participants}
             last = t + 1 == cfg.rounds
             if (t + 1) % cfg.eval_every == 0 or last:

@@ -1,7 +1,7 @@
 """Flower's grid as a :class:`~fedmutual.runtimes.remote.Transport`: requests become Flower messages.
 
-Each request is one Flower ``Message`` to its node, of the ask's own message type (``train.mutual``,
-``query.predict``, ...), whose content holds the request's plain values in one ``ConfigRecord`` named
+Each request is one Flower ``Message`` to its node, of the ask's own message type where Flower accepts it
+(``train.mutual``; see :func:`flower_type`), whose content holds the request's plain values in one ``ConfigRecord`` named
 ``fedmutual`` (the algorithm's message is its ``data`` bytes, exactly what the in-process runtime counts).
 The replies are pulled every ``poll`` seconds until all have come or the deadline passes; a reply that is a
 Flower error (the ClientApp raised, or the node went away) is returned as its error text.
@@ -15,6 +15,18 @@ from typing import Any, Mapping
 from fedmutual.runtimes.remote import Payload
 
 RECORD = "fedmutual"
+CATEGORIES = ("train", "evaluate", "query")
+
+
+def flower_type(kind: str) -> str:
+    """The Flower message type for an ask's ``kind``: the kind itself when Flower accepts it (``train.mutual``),
+    else ``train.<verb>_<action>`` (Flower's types start with train, evaluate or query; ``init.model`` does not).
+    The request carries the kind itself as ``kind``, which the ClientApp dispatches on."""
+    verb, _, action = kind.partition(".")
+    if verb in CATEGORIES and action.isidentifier():
+        return kind
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in kind)
+    return f"train.{name if name.isidentifier() else 'x' + name}"
 
 
 def to_record(payload: Mapping[str, Any]) -> Any:
@@ -45,8 +57,8 @@ class GridTransport:
 
         if not requests:
             return {}
-        msgs = [Message(to_record(p), dst_node_id=node, message_type=kind, ttl=timeout, group_id=str(p.get("round", "")))
-                for node, p in requests.items()]
+        msgs = [Message(to_record({**p, "kind": kind}), dst_node_id=node, message_type=flower_type(kind), ttl=timeout,
+                        group_id=str(p.get("round", ""))) for node, p in requests.items()]
         ids = list(self.grid.push_messages(msgs))
         node_of = {mid: node for mid, node in zip(ids, requests) if mid}
         pending = set(node_of)

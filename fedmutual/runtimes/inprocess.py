@@ -63,12 +63,26 @@ class Traffic:
     received: dict[str, int] = field(default_factory=dict)
     record: bool = False
     log: list[tuple[str, str, int, dict[str, str]]] = field(default_factory=list)  # (src, dst, bytes, meta) when recording
+    contents: list[dict[str, list[Any]]] = field(default_factory=list)  # per logged message: tensor name -> [dtype, shape]
+    kinds: list[str] = field(default_factory=list)  # per logged message: the message type of its exchange
+    kind: str = ""  # the message type of the exchange being carried
 
-    def add(self, src: str, dst: str, n: int, meta: Mapping[str, str]) -> None:
+    def add(self, src: str, dst: str, n: int, meta: Mapping[str, str], tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         self.sent[src] = self.sent.get(src, 0) + n
         self.received[dst] = self.received.get(dst, 0) + n
         if self.record:
             self.log.append((src, dst, n, dict(meta)))
+            self.contents.append({k: [str(v.dtype).removeprefix("torch."), list(v.shape)] for k, v in (tensors or {}).items()})
+            self.kinds.append(self.kind)
+
+    def take(self) -> list[dict[str, Any]]:
+        """The recorded messages since the last call, as JSON rows (kind, src, dst, bytes, meta, tensors), and start again."""
+        rows = [{"kind": k, "src": s, "dst": d, "bytes": n, "meta": m, "tensors": c}
+                for (s, d, n, m), c, k in zip(self.log, self.contents, self.kinds)]
+        self.log.clear()
+        self.contents.clear()
+        self.kinds.clear()
+        return rows
 
     def reset(self) -> tuple[dict[str, int], dict[str, int]]:
         """Return (sent, received) since the last reset, and start again."""
@@ -198,6 +212,7 @@ class InProcess:
     def _exchange(self, ask: Ask) -> Replies:
         """Deliver one ask, run its handlers and their work, and carry the replies back."""
         src = self.coord
+        self.traffic.kind = ask.kind
         if src is not None and src in self.down:
             return Replies()  # the coordinator is down: nothing leaves it
         expect = ask.expect or {}
@@ -270,7 +285,7 @@ class InProcess:
         if src is not None and src in self.hostile:
             tensors = corrupt(self.cfg, tensors, like, content, self.round, src, party_name(dst))
         data = encode(Message(dict(tensors), dict(msg.meta)))
-        self.traffic.add(party_name(src), party_name(dst), len(data), msg.meta)
+        self.traffic.add(party_name(src), party_name(dst), len(data), msg.meta, tensors)
         try:
             out = receive(data, schema, self.max_bytes)
         except MessageRejected as e:

@@ -135,6 +135,7 @@ class Remote(InProcess):
             raise FedmutualError(f"{self.alg.name}: client {self.coord} coordinates round {self.round + 1}; a method "
                                  "without a server runs on the peer-to-peer runtime")
         nodes = self._connected()
+        self.traffic.kind = ask.kind
         requests: dict[int, Payload] = {}
         order: list[tuple[int, int]] = []
         for k, msg in ask.to.items():
@@ -148,7 +149,7 @@ class Remote(InProcess):
                 continue
             data = b"" if msg.empty else encode(msg)
             if data:
-                self.traffic.add("server", party_name(k), len(data), msg.meta)
+                self.traffic.add("server", party_name(k), len(data), msg.meta, msg.tensors)
             requests[node] = self._request(data)
             order.append((k, node))
         got = self.transport.exchange(ask.kind, requests, self.timeout) if requests else {}
@@ -171,7 +172,7 @@ class Remote(InProcess):
                 self.events.rejected.append({"client": k, "reason": e.reason})
                 self.log(f"fedmutual: round {self.round + 1}: rejected the message from {party_name(k)} to server: {e.reason}")
                 continue
-            self.traffic.add(party_name(k), "server", len(data), msg.meta)
+            self.traffic.add(party_name(k), "server", len(data), msg.meta, msg.tensors)
             device = self.alg.run.device
             if device.type != "cpu":
                 msg.tensors = {n: v.to(device) for n, v in msg.tensors.items()}

@@ -1,0 +1,1 @@
+"""Demo Flower app for the deployment harness (tests/deploy/cluster.py)."""
