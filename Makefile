@@ -26,6 +26,7 @@ MYPY_PATHS ?= fedmutual/engine fedmutual/protocol fedmutual/algorithms fedmutual
 test: setup data
 	$(PY) -m mypy $(MYPY_PATHS)
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m deploy
 
 test-all: setup data
 	$(PY) -m pytest -q -m ""

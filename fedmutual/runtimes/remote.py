@@ -89,6 +89,7 @@ class Remote(InProcess):
         self.client_of: dict[int, int] = {}  # node id -> client
         self._tag = -1
         self._waited = False
+        self._quiet: dict[int, float] = {}  # node id -> when to ask it again which client it hosts
         self._send_server: bool | None = None  # whether evaluating a client needs the server's state (learnt once)
         super().__init__(alg, envs, log, engine, record)
 
@@ -222,16 +223,22 @@ class Remote(InProcess):
             k = self.client_of.pop(node)
             if self.node_of.get(k) == node:
                 del self.node_of[k]
-        new = sorted(now - set(self.client_of))
+        clock = time.monotonic()
+        new = sorted(n for n in now - set(self.client_of) if self._quiet.get(n, 0.0) <= clock)
         if not new:
             return
         answers = self.transport.exchange(HELLO, {n: self._request() for n in new}, self.hello_timeout)
         for node in new:
             r = answers.get(node)
             if not isinstance(r, dict) or "error" in r:
+                # A node that cannot answer (its process died but the link still lists it) would otherwise cost
+                # every exchange a hello deadline; it is asked again after the next exchange deadline has passed.
                 why = "no answer" if r is None else (r if isinstance(r, str) else str(r["error"]))
-                self.log(f"fedmutual: node {node} did not say which client it hosts ({why}); it is asked again later")
+                self._quiet[node] = time.monotonic() + max(self.timeout, self.hello_timeout)
+                self.log(f"fedmutual: node {node} did not say which client it hosts ({why}); it is asked again in "
+                         f"{max(self.timeout, self.hello_timeout):g} s")
                 continue
+            self._quiet.pop(node, None)
             k, n = as_int(r, "client"), as_int(r, "clients")
             if n != len(self.envs) or not 0 <= k < n:
                 raise FedmutualError(f"node {node} hosts client {k} of {n} (its partition-id and num-partitions), but the run "

@@ -99,6 +99,21 @@ def test_a_node_that_goes_down_is_a_late_reply_and_rejoins_from_its_disk_state(t
         {k: b[1][k] for k in ("global_acc", "train_loss_local", "train_loss_meme", "bytes_up")}
 
 
+def test_a_listed_node_that_never_says_hello_is_not_asked_at_every_exchange(tmp_path: Path) -> None:
+    raw = _cfg(tmp_path, algorithm="fedavg", rounds=2)
+    cfg = Config(**raw)
+    nodes = _nodes(cfg, tmp_path / "state")
+    tr = Loopback(nodes)
+    tr.live[999] = nodes[100]  # listed by the link, but its process is gone: it answers nothing
+    tr.down = {999}
+    tr.nodes = lambda: sorted(tr.live)  # type: ignore[method-assign]
+    far = run(Config(**raw), quiet=True, runtime=functools.partial(Remote, transport=tr, timeout=600.0, wait=0.0))
+    hellos = [n for kind, n, _ in tr.sent if kind == HELLO and n == 999]
+    exchanges = sum(1 for kind, _, _ in tr.sent if kind != HELLO)
+    assert hellos == [999] and exchanges > 3  # asked once: it is asked again only after a deadline (600 s) has passed
+    assert all(None not in r["personal_acc"] for r in far.metrics)
+
+
 def test_fewer_replies_than_min_replies_skip_the_round(tmp_path: Path) -> None:
     raw = _cfg(tmp_path, algorithm="fedavg", rounds=1, faults={"min_replies": 3})
     cfg = Config(**raw)
