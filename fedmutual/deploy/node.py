@@ -24,7 +24,7 @@ from fedmutual.data import load_dataset, validation_splits
 from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.data.tasks import parse_task
 from fedmutual.deploy.store import StateStore
-from fedmutual.engine.cohort import run_cohort
+from fedmutual.engine.cohort import JobResult, run_cohort
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import ConfigError, DataError, FedmutualError
 from fedmutual.experiment.data import client_tasks, holdout_splits
@@ -81,7 +81,7 @@ class Node:
             self.log(f"fedmutual: client {self.k}: {kind}: {e}")
             return {"error": str(e)}
 
-    def _state(self, req: Payload, t: int, what: str) -> State:
+    def load_state(self, req: Payload, t: int, what: str) -> State:
         """The client's state for a request of round ``t``, from disk (see :class:`StateStore`)."""
         store = self.store(str(req["run"]))
         me = self.alg.init_client(self.env)
@@ -95,6 +95,22 @@ class Node:
         self.log(f"fedmutual: client {self.k}: {what} from {source}")
         return me
 
+    def save_state(self, req: Payload, t: int, me: State) -> None:
+        """The client's state after a request of round ``t``, to disk."""
+        tensors, tree = dump(me)
+        self.store(str(req["run"])).write(t, as_int(req, "session"), tensors, tree)
+
+    def apply(self, kind: str, me: State, msg: Message, t: int) -> tuple[Message, JobResult | None]:
+        """Run the algorithm's handler of ``kind`` on ``me``, and its training work on this machine: the answer,
+        and the work's result (None when the handler had no training to do)."""
+        handler = self.alg.handler(kind)
+        self.env.round = max(t, 0)
+        out = handler(me, msg, self.env)
+        if not isinstance(out, Work):
+            return out, None
+        result = run_cohort([out.job], max(t, 0), None, self.cfg.engine)[0]
+        return out.reply(result), result
+
     def _run(self, kind: str, req: Payload) -> Payload:
         t = as_int(req, "round")
         data = as_bytes(req, "data")
@@ -102,25 +118,19 @@ class Node:
         device = self.alg.run.device
         if device.type != "cpu":
             msg.tensors = {n: v.to(device) for n, v in msg.tensors.items()}
-        handler = self.alg.handler(kind)
-        me = self._state(req, t, f"{kind} ({'setup' if t < 0 else f'round {t + 1}'})")
-        self.env.round = max(t, 0)
-        out = handler(me, msg, self.env)
+        self.alg.handler(kind)  # an unknown kind is refused before the state is read
+        me = self.load_state(req, t, f"{kind} ({'setup' if t < 0 else f'round {t + 1}'})")
+        answer, result = self.apply(kind, me, msg, t)
         reply: Payload = {}
-        if isinstance(out, Work):
-            result = run_cohort([out.job], max(t, 0), None, self.cfg.engine)[0]
-            answer = out.reply(result)
+        if result is not None:
             reply.update({"steps": result.steps, "loss": [float(v) for v in result.loss]})
-        else:
-            answer = out
-        tensors, tree = dump(me)
-        self.store(str(req["run"])).write(t, as_int(req, "session"), tensors, tree)
+        self.save_state(req, t, me)
         reply["data"] = b"" if answer.empty else encode(answer)
         return reply
 
     def _evaluate(self, req: Payload) -> Payload:
         t = as_int(req, "round")
-        me = self._state(req, t + 1, f"evaluation after round {t + 1}")  # the state after round t
+        me = self.load_state(req, t + 1, f"evaluation after round {t + 1}")  # the state after round t
         self.env.round = max(t, 0)
         server = server_from(req, self.alg)
         with torch.no_grad():

@@ -169,12 +169,18 @@ def evaluate(b: Built, cfg: Config) -> dict[str, Any]:
 def _assemble(g: torch.nn.Module | None, per_client: list[dict[str, Any]], test_x: torch.Tensor, test_y: torch.Tensor,
               bs: int) -> dict[str, Any]:
     """:func:`evaluate`'s fields from each client's accuracies measured where its state lives (None: not measured)."""
+    return assemble_accuracies(accuracy(g, test_x, test_y, bs) if g is not None else None, per_client)
+
+
+def assemble_accuracies(global_acc: float | None, per_client: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`evaluate`'s fields from the global model's accuracy and each client's ``{"test", "val", "extra"}``
+    accuracies (None: not measured)."""
 
     def mean(vals: list[float | None]) -> float | None:
         got = [v for v in vals if v is not None]
         return float(np.mean(got)) if got else None
 
-    out: dict[str, Any] = {"global_acc": accuracy(g, test_x, test_y, bs) if g is not None else None}
+    out: dict[str, Any] = {"global_acc": global_acc}
     out["client_acc_global_test"] = [c["test"] for c in per_client]
     out["personal_acc"] = [c["val"] for c in per_client]
     out["client_acc_global_test_mean"] = mean(out["client_acc_global_test"])

@@ -83,6 +83,7 @@ class Remote(InProcess):
         if not timeout > 0 or not math.isfinite(timeout):
             raise ConfigError(f"timeout: {timeout}; give the deadline of one exchange in seconds (> 0)")
         self.transport, self.timeout, self.wait, self.hello_timeout = transport, float(timeout), float(wait), float(hello_timeout)
+        self.me_name = "server"  # the coordinator's name in byte counts
         self.run_id = uuid.uuid4().hex
         self.session = 0
         self.node_of: dict[int, int] = {}  # client -> node id
@@ -134,7 +135,11 @@ class Remote(InProcess):
     def _exchange(self, ask: Ask) -> Replies:
         if self.coord is not None:
             raise FedmutualError(f"{self.alg.name}: client {self.coord} coordinates round {self.round + 1}; a method "
-                                 "without a server runs on the peer-to-peer runtime")
+                                 "without a server runs on the peer-to-peer runtime (fedmutual peer)")
+        return self._quorum(ask, None, *self._send(ask))
+
+    def _send(self, ask: Ask) -> tuple[Replies, int]:
+        """One ask's requests to the clients' nodes: the valid replies, and how many requests went out."""
         nodes = self._connected()
         self.traffic.kind = ask.kind
         requests: dict[int, Payload] = {}
@@ -150,7 +155,7 @@ class Remote(InProcess):
                 continue
             data = b"" if msg.empty else encode(msg)
             if data:
-                self.traffic.add("server", party_name(k), len(data), msg.meta, msg.tensors)
+                self.traffic.add(self.me_name, party_name(k), len(data), msg.meta, msg.tensors)
             requests[node] = self._request(data)
             order.append((k, node))
         got = self.transport.exchange(ask.kind, requests, self.timeout) if requests else {}
@@ -169,16 +174,16 @@ class Remote(InProcess):
             try:
                 msg = receive(data, ask.like, self.max_bytes)
             except MessageRejected as e:
-                self.traffic.add(party_name(k), "server", len(data), {})
+                self.traffic.add(party_name(k), self.me_name, len(data), {})
                 self.events.rejected.append({"client": k, "reason": e.reason})
-                self.log(f"fedmutual: round {self.round + 1}: rejected the message from {party_name(k)} to server: {e.reason}")
+                self.log(f"fedmutual: round {self.round + 1}: rejected the message from {party_name(k)} to {self.me_name}: {e.reason}")
                 continue
-            self.traffic.add(party_name(k), "server", len(data), msg.meta, msg.tensors)
+            self.traffic.add(party_name(k), self.me_name, len(data), msg.meta, msg.tensors)
             device = self.alg.run.device
             if device.type != "cpu":
                 msg.tensors = {n: v.to(device) for n, v in msg.tensors.items()}
             replies[k] = msg
-        return self._quorum(ask, None, replies, len(order))
+        return replies, len(order)
 
     def _answer(self, k: int, r: Payload | str | None) -> Payload | None:
         """A node's answer, or None after recording why there is none (late, or crashed)."""
