@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[test,flower]"
+	$(PY) -m pip install --quiet -e ".[test,flower,peer]"
 	touch $@
 
 data:
@@ -21,7 +21,7 @@ run: setup data
 	$(PY) -m fedmutual run
 
 # Packages type-checked by `make test` (settings: [tool.mypy] in pyproject.toml).
-MYPY_PATHS ?= fedmutual/engine fedmutual/protocol fedmutual/algorithms fedmutual/runtimes
+MYPY_PATHS ?= fedmutual/engine fedmutual/protocol fedmutual/algorithms fedmutual/runtimes fedmutual/deploy
 
 test: setup data
 	$(PY) -m mypy $(MYPY_PATHS)

@@ -48,10 +48,10 @@ def _help(text: str) -> str:
                        datasets=" | ".join(DATASETS.names()))
 
 
-def _add_run_options(p: argparse.ArgumentParser, with_algorithm: bool = True) -> None:
+def _add_run_options(p: argparse.ArgumentParser, with_algorithm: bool = True, skip: tuple[str, ...] = ()) -> None:
     p.add_argument("--config", help="TOML or JSON config file (a run's config.json reproduces it)")
     for flag, key, typ, help_ in _FLAGS:
-        if flag == "--algorithm" and not with_algorithm:
+        if (flag == "--algorithm" and not with_algorithm) or flag in skip:
             continue
         p.add_argument(flag, dest=key, type=typ, default=None, help=_help(help_))
     p.add_argument("--download", action="store_true", default=None, help="download the dataset into the cache if it is missing")
@@ -99,7 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
     p_app.add_argument("--superlink", default="127.0.0.1:9093", help="the SuperLink's address HOST:PORT for `flwr run` (default 127.0.0.1:9093)")
     p_app.add_argument("--root-certificates", default=None, metavar="CA.crt", help="the CA certificate that signed the SuperLink's TLS certificate")
     p_app.add_argument("--insecure", action="store_true", help="connect without TLS (a trial on one machine only)")
+    p_peer = sub.add_parser("peer", help="take part in a federation without a server (dfml, dfedavg) as one peer")
+    _add_run_options(p_peer, skip=("--data-dir",))
+    p_peer.add_argument("--peers", required=True, metavar="peers.toml", help="the federation: its name, the CA, every peer's address")
+    p_peer.add_argument("--id", dest="peer_id", type=int, required=True, metavar="K", help="the client this peer is")
+    p_peer.add_argument("--data-dir", dest="peer_data_dir", default=None, metavar="DIR",
+                        help="a dataset directory of this peer's own (default: its share of the config's dataset)")
+    p_peer.add_argument("--timeout", type=float, default=120.0, help="deadline of one request to another peer, s (default 120)")
+    p_peer.add_argument("--round-timeout", type=float, default=600.0,
+                        help="how long to wait for a round's aggregator before skipping the round, s (default 600)")
+    p_peer.add_argument("--wait", type=float, default=120.0, help="how long to wait for the other peers before round 1, s (default 120)")
+    p_rep = sub.add_parser("peer-report", help="merge the peers' run directories into one run's metrics.jsonl and summary.json")
+    p_rep.add_argument("dirs", nargs="+", help="the peers' run directories (OUT/FEDERATION/peerK)")
+    p_rep.add_argument("--out", default=None, help="where to write the merged run (default: the peers' parent directory)")
     return parser
+
+
+def _cmd_peer(ns: argparse.Namespace) -> None:
+    from fedmutual.config import build_config
+    from fedmutual.deploy.peer import run_peer
+
+    cfg = build_config(ns.config, _overrides(ns), ns.sets)
+    d = run_peer(cfg, ns.peers, ns.peer_id, ns.peer_data_dir, timeout=ns.timeout, round_timeout=ns.round_timeout, wait=ns.wait)
+    print(f"peer {ns.peer_id}: run directory {d}")
+
+
+def _cmd_peer_report(ns: argparse.Namespace) -> None:
+    from fedmutual.deploy.peer import merge_reports
+    from fedmutual.report.metrics import read_metrics
+
+    d = merge_reports(ns.dirs, ns.out)
+    rows = read_metrics(d / "metrics.jsonl")
+    print(f"merged {len(ns.dirs)} peers, {len(rows)} rounds: {d / 'metrics.jsonl'}, {d / 'summary.json'}")
 
 
 def _cmd_flower(ns: argparse.Namespace) -> None:
@@ -190,6 +221,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if ns.command == "flower":
             _cmd_flower(ns)
+            return 0
+        if ns.command == "peer":
+            _cmd_peer(ns)
+            return 0
+        if ns.command == "peer-report":
+            _cmd_peer_report(ns)
             return 0
         from fedmutual.config import build_config
 
