@@ -42,6 +42,14 @@ def compare(config: Config, algorithms: list[str], quiet: bool = False, data: An
     return _compare(config, algorithms, quiet=quiet, data=data, partition=partition)
 
 
+def load_runs(paths: Any) -> Any:
+    """The runs under ``paths`` (run directories, or directories holding them) as a pandas DataFrame: one row per
+    run, its summary joined with its config (``config.<dotted key>`` columns). Needs ``fedmutual[report]``."""
+    from fedmutual.report.runs import load_runs as _load
+
+    return _load([paths] if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__") else paths)
+
+
 def register_model(name: str, builder: Any, replace: bool = False) -> Any:
     """Register a model builder ``(input_shape, num_outputs) -> nn.Module`` under ``name`` (see fedmutual.models)."""
     from fedmutual.models import register_model as _register
@@ -64,6 +72,6 @@ def register_partition(name: str, fn: Any, replace: bool = False) -> Any:
 
 
 __all__ = [
-    "Config", "build_config", "run", "resume", "compare", "register_algorithm", "register_model", "register_dataset",
+    "Config", "build_config", "run", "resume", "compare", "load_runs", "register_algorithm", "register_model", "register_dataset",
     "register_partition", "ConfigError", "DataError", "FedmutualError", "NonFiniteLossError",
 ]

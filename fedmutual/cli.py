@@ -79,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p_cmp = sub.add_parser("compare", help="run several algorithms on the same partition and seed")
     p_cmp.add_argument("--algorithms", default="fedavg,fedprox,fml", help="comma-separated algorithms (default fedavg,fedprox,fml)")
     _add_run_options(p_cmp, with_algorithm=False)
+    for p in (p_run, p_cmp):
+        p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                       help="run once per seed (e.g. 0,1,2) under one directory, then report mean ± sd over the seeds")
+    p_sw = sub.add_parser("sweep", help="run a grid of configs × seeds from a spec file; resumable")
+    p_sw.add_argument("spec", help="sweep spec (TOML): name, config, seeds, [base], [grid]")
+    p_sw.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process (default 1)")
+    p_sw.add_argument("--no-report", action="store_true", help="do not write the report when the sweep is complete")
+    p_rep2 = sub.add_parser("report", help="tidy CSVs, mean ± sd tables, paired differences and curves over run directories")
+    p_rep2.add_argument("dirs", nargs="+", help="run directories, or directories holding them (searched recursively)")
+    p_rep2.add_argument("--out", default=None, help="where to write the report (default: DIR/report for one DIR, else report/)")
     p_part = sub.add_parser("partition", help="show how a partition splits the labels among clients, and save a heat map")
     for flag, key, typ, help_ in _FLAGS:
         if key in ("dataset", "data_dir", "partition", "clients", "seed", "limit_train", "limit_test", "out"):
@@ -113,6 +123,68 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("dirs", nargs="+", help="the peers' run directories (OUT/FEDERATION/peerK)")
     p_rep.add_argument("--out", default=None, help="where to write the merged run (default: the peers' parent directory)")
     return parser
+
+
+def _parse_seeds(text: str) -> list[int]:
+    from fedmutual.config import ConfigError
+
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give integers separated by commas, e.g. --seeds 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"--seeds {text!r}: give distinct integers, e.g. --seeds 0,1,2")
+    return seeds
+
+
+def _cmd_seeds(ns: argparse.Namespace, cfg: Any) -> None:
+    """run/compare once per seed under one directory, then the report over them."""
+    from datetime import datetime
+    from pathlib import Path
+
+    from fedmutual.config import validate
+    from fedmutual.experiment.runner import slug
+    from fedmutual.report.runs import write_report
+
+    seeds = _parse_seeds(ns.seeds)
+    what = slug(cfg.algorithm) if ns.command == "run" else "compare"
+    parent = Path(cfg.out) / (cfg.name or f"{what}-{slug(cfg.dataset)}-{slug(cfg.partition)}-{slug(cfg.model_label)}-"
+                                          f"seeds{'_'.join(map(str, seeds))}-{datetime.now():%Y%m%d-%H%M%S}")
+    for seed in seeds:
+        print(f"== seed {seed} ==", file=sys.stderr, flush=True)
+        one = validate({**cfg.to_dict(all_tables=True), "seed": seed, "out": str(parent), "name": f"seed{seed}"})
+        if ns.command == "run":
+            from fedmutual.experiment.runner import run
+
+            run(one)
+        else:
+            from fedmutual.experiment.compare import compare
+
+            compare(one, [a.strip() for a in ns.algorithms.split(",") if a.strip()])
+    out = write_report([parent], parent / "report")
+    print((out / "report.md").read_text())
+    print(f"report: {out}")
+
+
+def _cmd_sweep(ns: argparse.Namespace) -> None:
+    from fedmutual.experiment.sweep import load_sweep, run_sweep
+    from fedmutual.report.runs import write_report
+
+    sweep = load_sweep(ns.spec)
+    run_sweep(sweep, workers=ns.workers)
+    if not ns.no_report:
+        out = write_report([sweep.dir], sweep.dir / "report")
+        print(f"sweep {sweep.name}: {len(sweep.points)} runs in {sweep.dir}; report: {out / 'report.md'}")
+
+
+def _cmd_report(ns: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from fedmutual.report.runs import write_report
+
+    out = ns.out or (str(Path(ns.dirs[0]) / "report") if len(ns.dirs) == 1 else "report")
+    d = write_report(ns.dirs, out)
+    print(f"report: {d / 'report.md'}, {d / 'rounds.csv'}, {d / 'clients.csv'}, {d / 'curves.png'}")
 
 
 def _cmd_peer(ns: argparse.Namespace) -> None:
@@ -228,9 +300,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "peer-report":
             _cmd_peer_report(ns)
             return 0
+        if ns.command == "sweep":
+            _cmd_sweep(ns)
+            return 0
+        if ns.command == "report":
+            _cmd_report(ns)
+            return 0
         from fedmutual.config import build_config
 
         cfg = build_config(ns.config, _overrides(ns), ns.sets)
+        if ns.seeds is not None:
+            _cmd_seeds(ns, cfg)
+            return 0
         if ns.command == "run":
             from fedmutual.experiment.runner import run
 

@@ -20,6 +20,64 @@ CURVES = (
 )
 
 
+#: Distinct line styles and markers, so that no curve hides another of the same colour or under it.
+STYLES = (("-", "o"), ("--", "s"), (":", "^"), ("-.", "D"), ("-", "v"), ("--", "P"), (":", "X"), ("-.", "*"))
+
+
+def _integer_rounds(ax: Any) -> None:
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+
+
+def save(fig: Any, path: str | Path, formats: Sequence[str] = ("png", "pdf")) -> list[Path]:
+    """Save a figure as PNG (for screens) and PDF (vector, for papers); returns the files written."""
+    base = Path(path)
+    base = base.with_suffix("") if base.suffix in (".png", ".pdf", ".svg") else base
+    out = []
+    for fmt in formats:
+        target = base.with_suffix(f".{fmt}")
+        fig.savefig(target, dpi=150 if fmt == "png" else None)
+        out.append(target)
+    plt.close(fig)
+    return out
+
+
+def band_plot(panels: Mapping[str, Mapping[str, Sequence[Sequence[Mapping[str, Any]]]]], path: str | Path) -> list[Path]:
+    """Small multiples, one panel per setting: each method's mean accuracy per round over its runs (seeds), with a
+    band of ± one standard deviation. The global model where a method has one, else the clients' mean."""
+    import numpy as np
+
+    n = max(1, len(panels))
+    cols = min(3, n)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.4 * rows), squeeze=False)
+    methods = sorted({m for p in panels.values() for m in p})
+    for ax, (title, by_method) in zip(axes.flat, panels.items()):
+        for name, runs in sorted(by_method.items()):
+            i = methods.index(name)
+            key = "global_acc" if any(r.get("global_acc") is not None for rs in runs for r in rs) else "client_acc_global_test_mean"
+            rounds = sorted({r["round"] for rs in runs for r in rs if r.get(key) is not None})
+            if not rounds:
+                continue
+            vals = [[next((100.0 * r[key] for r in rs if r["round"] == t and r.get(key) is not None), np.nan) for rs in runs] for t in rounds]
+            arr = np.array(vals, dtype=float)
+            mean = np.nanmean(arr, axis=1)
+            sd = np.nanstd(arr, axis=1, ddof=1) if arr.shape[1] > 1 else np.zeros(len(rounds))
+            ls, marker = STYLES[i % len(STYLES)]
+            line, = ax.plot(rounds, mean, ls=ls, marker=marker, ms=3, markevery=max(1, len(rounds) // 10),
+                            label=f"{name} ({'global' if key == 'global_acc' else 'clients'}, n={arr.shape[1]})")
+            ax.fill_between(rounds, mean - sd, mean + sd, color=line.get_color(), alpha=0.18, lw=0)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy (%)")
+        _integer_rounds(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return save(fig, path)
+
+
 def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
     pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
     return [p[0] for p in pts], [100.0 * p[1] for p in pts]
