@@ -83,17 +83,19 @@ def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], lis
     return [p[0] for p in pts], [100.0 * p[1] for p in pts]
 
 
-def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> None:
-    """Accuracy per round of one run."""
+def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "") -> list[Path]:
+    """Accuracy per round of one run (PNG and PDF)."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in CURVES:
+    for i, (key, label) in enumerate(CURVES):
         xs, ys = _series(rows, key)
         if xs:
-            ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+            ls, marker = STYLES[i % len(STYLES)]
+            ax.plot(xs, ys, ls=ls, marker=marker, ms=3, markevery=max(1, len(xs) // 15), label=label)
     ax.set_xlabel("round")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
+    _integer_rounds(ax)
     handles, labels = ax.get_legend_handles_labels()
     alphas = [(r["round"], r["alpha"]) for r in rows if r.get("alpha") is not None]
     if alphas and len({a for _, a in alphas}) > 1:  # a moving loss weight (e.g. DFML's cyclic alpha)
@@ -104,25 +106,33 @@ def plot_run(rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "
         handles, labels = handles + [line], labels + ["alpha (right axis)"]
     ax.legend(handles, labels, loc="best", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save(fig, path)
 
 
-def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> None:
-    """Overlay of several runs: the global model where there is one, else the clients' mean."""
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in runs.items():
+def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, title: str = "") -> list[Path]:
+    """Several runs side by side: the test accuracy (the global model where there is one, else the clients' mean)
+    and the personalized accuracy (each client's model on its own validation split, mean); PNG and PDF.
+    Every method has its own line style and marker, so that no curve hides another."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for i, (name, rows) in enumerate(runs.items()):
+        ls, marker = STYLES[i % len(STYLES)]
         key = "global_acc" if any(r.get("global_acc") is not None for r in rows) else "client_acc_global_test_mean"
         xs, ys = _series(rows, key)
-        ax.plot(xs, ys, label=f"{name} ({'global' if key == 'global_acc' else 'client mean'})")
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+        every = max(1, len(xs) // 15)
+        ax.plot(xs, ys, ls=ls, marker=marker, ms=4, markevery=every, label=f"{name} ({'global' if key == 'global_acc' else 'client mean'})")
+        xs, ys = _series(rows, "personal_acc_mean")
+        if xs:
+            ax2.plot(xs, ys, ls=ls, marker=marker, ms=4, markevery=every, label=name)
+    for a, ylabel, sub in ((ax, "test accuracy (%)", "test set"), (ax2, "personalized accuracy (%)", "each client's own validation split (mean)")):
+        a.set_xlabel("round")
+        a.set_ylabel(ylabel)
+        a.set_title(sub, fontsize=9)
+        a.grid(alpha=0.3)
+        _integer_rounds(a)
+        a.legend(loc="lower right", fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save(fig, path)
 
 
 def plot_clients(
@@ -133,30 +143,50 @@ def plot_clients(
     key: str = "personal_acc",
     style: str = "best",
     title: str = "",
-) -> None:
+) -> list[Path]:
     """Each client's accuracy per round under FML (solid) against the same model trained alone (dashed).
 
     ``style="best"`` draws the baseline as a horizontal line at its best accuracy (the FML paper's
-    Fig. 5); ``style="curve"`` draws its whole curve (Fig. 6). One colour per client, named by ``labels``.
+    Fig. 5); ``style="curve"`` draws its whole curve (Fig. 6). Up to 8 clients share one panel, one colour
+    each; more get one small panel each, so that the figure stays readable. PNG and PDF.
     """
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    n = len(labels)
+    single = n <= 8
+    cols = 1 if single else min(5, n)
+    nrows = 1 if single else (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(7, 4.5) if single else (2.6 * cols, 2.1 * nrows), squeeze=False, sharey=not single)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for k, label in enumerate(labels):
-        color = colors[k % len(colors)]
+        ax = axes[0][0] if single else axes.flat[k]
+        color = colors[k % len(colors)] if single else colors[0]
         pts = [(r["round"], 100.0 * r[key][k]) for r in fml if r.get(key) is not None and r[key][k] is not None]
         base = [(r["round"], 100.0 * r[key][k]) for r in baseline if r.get(key) is not None and r[key][k] is not None]
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.5, label=f"{label}, FML")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color, lw=1.5, label=f"{label}, FML" if single else "FML")
+        base_color = color if single else colors[1]
         if base and style == "best":
-            ax.axhline(max(b[1] for b in base), color=color, ls="--", lw=1, label=f"{label}, alone (best)")
+            ax.axhline(max(b[1] for b in base), color=base_color, ls="--", lw=1, label=f"{label}, alone (best)" if single else "alone (best)")
         elif base:
-            ax.plot([b[0] for b in base], [b[1] for b in base], color=color, ls="--", lw=1, label=f"{label}, alone")
-    ax.set_xlabel("round")
-    ax.set_ylabel("accuracy (%), " + ("own validation split" if key == "personal_acc" else "test set"))
-    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7, ncol=2)
+            ax.plot([b[0] for b in base], [b[1] for b in base], color=base_color, ls="--", lw=1, label=f"{label}, alone" if single else "alone")
+        if not single:
+            ax.set_title(label, fontsize=7)
+            ax.tick_params(labelsize=6)
+            ax.grid(alpha=0.3)
+            _integer_rounds(ax)
+    if single:
+        ax = axes[0][0]
+        ax.set_xlabel("round")
+        ax.set_ylabel("accuracy (%), " + ("own validation split" if key == "personal_acc" else "test set"))
+        _integer_rounds(ax)
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=7, ncol=2)
+    else:
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        axes.flat[0].legend(fontsize=6, loc="lower right")
+        fig.supxlabel("round", fontsize=8)
+        fig.supylabel("accuracy (%), " + ("own validation split" if key == "personal_acc" else "test set"), fontsize=8)
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save(fig, path)
