@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_sw.add_argument("spec", help="sweep spec (TOML): name, config, seeds, [base], [grid]")
     p_sw.add_argument("--workers", type=int, default=1, help="runs at a time, each in its own process (default 1)")
     p_sw.add_argument("--no-report", action="store_true", help="do not write the report when the sweep is complete")
+    p_rp = sub.add_parser("reproduce", help="run the papers' claims as sweeps over seeds and write the claims report")
+    p_rp.add_argument("--quick", action="store_true", help="the same pipeline on tiny subsets, in minutes (checks the plumbing only)")
+    p_rp.add_argument("--out", default="runs/reproduce", help="where the sweeps and claims.md go (default runs/reproduce)")
+    p_rp.add_argument("--workers", type=int, default=1, help="runs at a time (default 1)")
+    p_rp.add_argument("--docs", default=None, metavar="results.md", help="also rewrite the claims section of this file")
+    p_rp.add_argument("--only", default=None, metavar="CLAIM,...", help="only these claims (table1, oscillation, dh, mh-oh, dfml, dmlfl)")
     p_rep2 = sub.add_parser("report", help="tidy CSVs, mean ± sd tables, paired differences and curves over run directories")
     p_rep2.add_argument("dirs", nargs="+", help="run directories, or directories holding them (searched recursively)")
     p_rep2.add_argument("--out", default=None, help="where to write the report (default: DIR/report for one DIR, else report/)")
@@ -305,6 +311,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if ns.command == "report":
             _cmd_report(ns)
+            return 0
+        if ns.command == "reproduce":
+            from fedmutual.experiment.claims import reproduce
+
+            only = [c.strip() for c in ns.only.split(",") if c.strip()] if ns.only else None
+            path = reproduce("quick" if ns.quick else "full", ns.out, ns.workers, ns.docs, only=only)
+            print(path.read_text())
+            print(f"claims report: {path}")
             return 0
         from fedmutual.config import build_config
 

@@ -66,6 +66,12 @@ def load_sweep(path: str | Path) -> Sweep:
         raise ConfigError(f"sweep {p}: {e.strerror or e}") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"sweep {p}: not valid TOML ({e})") from None
+    return sweep_from_spec(spec, p)
+
+
+def sweep_from_spec(spec: dict[str, Any], p: Path, out: str | Path | None = None) -> Sweep:
+    """A sweep from a spec's tables (what the TOML file holds); ``p`` names it in messages and anchors its relative
+    paths; ``out`` overrides the runs' parent directory."""
     unknown = sorted(set(spec) - {"name", "config", "seeds", "base", "grid"})
     if unknown:
         raise ConfigError(f"sweep {p}: unknown keys {', '.join(unknown)} (allowed: name, config, seeds, [base], [grid])")
@@ -81,6 +87,7 @@ def load_sweep(path: str | Path) -> Sweep:
     if spec.get("config"):
         cfg_path = Path(spec["config"])
         base = load_file(cfg_path if cfg_path.is_absolute() else p.parent / cfg_path)
+    base = json.loads(json.dumps(base))
     for k, v in _dotted(spec.get("base") or {}).items():
         _set(base, k, v)
     if not isinstance(spec.get("grid") or {}, dict):
@@ -100,6 +107,8 @@ def load_sweep(path: str | Path) -> Sweep:
             for k, v in values.items():
                 _set(data, k, v)
             data["seed"] = seed
+            if out is not None:
+                data["out"] = str(out)
             label = ",".join(f"{k}={_value_slug(v)}" for k, v in values.items())
             run_name = f"{label},seed={seed}" if label else f"seed={seed}"
             try:
