@@ -20,7 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from fedmutual.errors import ConfigError
 from fedmutual.experiment.sweep import run_sweep, sweep_from_spec
-from fedmutual.report.runs import RunRecord, find_runs
+from fedmutual.report.runs import RunRecord, find_runs, mean_sd_text, pct
 from fedmutual.report.stats import mean_sd, paired_difference
 
 BEGIN, END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -74,17 +74,6 @@ def _common(b: Budget, **over: Any) -> dict[str, Any]:
     return base
 
 
-def _pct(v: float | None) -> str:
-    return "—" if v is None else f"{100 * v:.2f}"
-
-
-def _ms(vals: Sequence[float]) -> str:
-    if not vals:
-        return "—"
-    m, sd = mean_sd(vals)
-    return f"{100 * m:.2f}" if sd is None else f"{100 * m:.2f} ± {100 * sd:.2f}"
-
-
 def _by(runs: Sequence[RunRecord], *keys: str) -> dict[tuple[Any, ...], dict[str, dict[int, RunRecord]]]:
     """runs grouped by config keys, then by algorithm, then by seed."""
     out: dict[tuple[Any, ...], dict[str, dict[int, RunRecord]]] = {}
@@ -135,7 +124,7 @@ def _judge_table(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
         if m["fml"] is not None and m["fedavg"] is not None:
             gains.setdefault(model, {})[part] = m["fml"] - m["fedavg"]
         lines.append(f"| {model} | {PARTITION_NAMES.get(part, part)} | "
-                     + " | ".join(_ms([v for v in (_final(r, 'global_acc') for r in algs.get(a, {}).values()) if v is not None])
+                     + " | ".join(mean_sd_text([v for v in (_final(r, 'global_acc') for r in algs.get(a, {}).values()) if v is not None])
                                   for a in ("fedavg", "fedprox", "fml"))
                      + f" | {_diff(algs.get('fml', {}), algs.get('fedavg', {}), 'global_acc')} | {'yes' if ok else 'no'} |")
     largest = {model: max(g, key=lambda p: g[p]) for model, g in gains.items()}
@@ -194,7 +183,7 @@ def _judge_dh(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
             continue
         total += 1
         wins += fm > fa
-        lines.append(f"| {model} | {PARTITION_NAMES.get(part, part)} | {_pct(fa)} | {_pct(fm)} | "
+        lines.append(f"| {model} | {PARTITION_NAMES.get(part, part)} | {pct(fa)} | {pct(fm)} | "
                      f"{_diff(algs['fml'], algs['fedavg'], 'personal_acc_mean')} |")
     if not total:
         return Finding("depends: no non-IID cell at this budget", lines)
@@ -231,7 +220,7 @@ def _judge_mh_oh(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
                 up = bool(a and f) and mean_sd(f)[0] > mean_sd(a)[0]
                 all_up &= up
                 label = models[k] if isinstance(models, list) else models
-                lines.append(f"| {rounds} | {k} ({label}) | {_ms(a)} | {_ms(f)} | {'yes' if up else 'no'} |")
+                lines.append(f"| {rounds} | {k} ({label}) | {mean_sd_text(a)} | {mean_sd_text(f)} | {'yes' if up else 'no'} |")
             if all_up:
                 holds_at.setdefault(name, []).append(rounds)
         lines.append("")
@@ -272,14 +261,14 @@ def _judge_dfml(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
                                 ("lenet5", methods["homo"], {"dfedavg (WSM)": methods["homo"].get("dfedavg", {}), "dfedavg (CE)": ce,
                                                              "local": methods["homo"].get("local", {})})):
         dfml = algs.get("dfml", {})
-        lines.append(f"| {label} | dfml | {_ms([v for v in (_final(r, key) for r in dfml.values()) if v is not None])} | |")
+        lines.append(f"| {label} | dfml | {mean_sd_text([v for v in (_final(r, key) for r in dfml.values()) if v is not None])} | |")
         for name, runs in others.items():
             m_d, m_o = _mean_final(dfml, key), _mean_final(runs, key)
             if m_d is None or m_o is None:
                 continue
             total += 1
             wins += m_d > m_o
-            lines.append(f"| {label} | {name} | {_ms([v for v in (_final(r, key) for r in runs.values()) if v is not None])} | "
+            lines.append(f"| {label} | {name} | {mean_sd_text([v for v in (_final(r, key) for r in runs.values()) if v is not None])} | "
                          f"{_diff(dfml, runs, key)} |")
     return Finding("holds" if total and wins == total else "does not hold" if wins == 0 else
                    f"depends on the baseline and the models (DFML ahead in {wins} of {total} comparisons)", lines)
@@ -301,7 +290,7 @@ def _judge_dmlfl(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
     lines = ["Each client's model on the test set (mean over clients), Fashion-MNIST as a binary task, the authors' protocol.", "",
              "| method | test accuracy | DML-FL − method (paired, 95%) |", "|---|---|---|"]
     d = algs.get("dmlfl", {})
-    lines.append(f"| dmlfl | {_ms([v for v in (_final(r, key) for r in d.values()) if v is not None])} | |")
+    lines.append(f"| dmlfl | {mean_sd_text([v for v in (_final(r, key) for r in d.values()) if v is not None])} | |")
     wins = total = 0
     for name in ("fedavg", "asyncfl", "local"):
         runs = algs.get(name, {})
@@ -310,7 +299,7 @@ def _judge_dmlfl(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
             continue
         total += 1
         wins += m_d > m_o
-        lines.append(f"| {name} | {_ms([v for v in (_final(r, key) for r in runs.values()) if v is not None])} | {_diff(d, runs, key)} |")
+        lines.append(f"| {name} | {mean_sd_text([v for v in (_final(r, key) for r in runs.values()) if v is not None])} | {_diff(d, runs, key)} |")
     return Finding("holds" if total and wins == total else "does not hold" if wins == 0 else
                    f"depends on the baseline (DML-FL ahead of {wins} of {total})", lines)
 

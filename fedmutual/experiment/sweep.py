@@ -34,6 +34,7 @@ from typing import Any, Callable
 from fedmutual.config import apply_override, load_file, validate
 from fedmutual.errors import ConfigError, FedmutualError
 from fedmutual.experiment.runner import resume, run, slug
+from fedmutual.report.runs import flatten
 
 
 @dataclass
@@ -88,11 +89,11 @@ def sweep_from_spec(spec: dict[str, Any], p: Path, out: str | Path | None = None
         cfg_path = Path(spec["config"])
         base = load_file(cfg_path if cfg_path.is_absolute() else p.parent / cfg_path)
     base = json.loads(json.dumps(base))
-    for k, v in _dotted(spec.get("base") or {}).items():
+    for k, v in flatten(spec.get("base") or {}).items():
         _set(base, k, v)
     if not isinstance(spec.get("grid") or {}, dict):
         raise ConfigError(f"sweep {p}: [grid] must be a table of key = [values]")
-    grid = _dotted(spec.get("grid") or {})
+    grid = flatten(spec.get("grid") or {})
     for k, v in grid.items():
         if not isinstance(v, list) or not v:
             raise ConfigError(f"sweep {p}: grid.{k} must be a non-empty list of values")
@@ -118,17 +119,6 @@ def sweep_from_spec(spec: dict[str, Any], p: Path, out: str | Path | None = None
             points.append(Point(run_name, values, seed, cfg.to_dict()))
     out = Path(points[0].config["out"]) if points else Path("runs")
     return Sweep(name, out / name, points)
-
-
-def _dotted(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A TOML table's leaves as dotted keys (``fml.alpha = [...]`` is the table fml holding alpha)."""
-    out: dict[str, Any] = {}
-    for k, v in table.items():
-        if isinstance(v, dict):
-            out.update(_dotted(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def _set(data: dict[str, Any], key: str, value: Any) -> None:

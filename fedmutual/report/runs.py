@@ -137,11 +137,13 @@ def _csv(v: Any) -> Any:
     return "" if v is None else v
 
 
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
+    """A fraction in percent with two decimals (— for none)."""
     return "—" if v is None else f"{100 * v:.2f}"
 
 
-def _mean_sd_cell(values: Sequence[float]) -> str:
+def mean_sd_text(values: Sequence[float]) -> str:
+    """``mean ± sd`` over seeds, in percent (the mean alone for one value; — for none)."""
     if not values:
         return "—"
     m, sd = mean_sd(values)
@@ -164,7 +166,7 @@ def report_tables(runs: Sequence[RunRecord]) -> str:
         cells.setdefault(_key(r, cell_keys), []).append(r)
     for key, members in cells.items():
         vals = [str(members[0].config.get(k)) for k in cell_keys]
-        stats = [_mean_sd_cell([m.summary[k] for m in members if m.summary.get(k) is not None]) for k, _ in present]
+        stats = [mean_sd_text([m.summary[k] for m in members if m.summary.get(k) is not None]) for k, _ in present]
         lines.append("| " + " | ".join([*vals, str(len(members)), *stats]) + " |")
     lines += ["", "## Paired differences between methods", "",
               "Per setting, method A − method B over the seeds both ran (paired by seed), in points, with a 95% t interval. "
