@@ -273,6 +273,20 @@ def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
 
+def _cmd_reproduce(ns: argparse.Namespace) -> None:
+    from fedmutual.experiment.claims import reproduce
+
+    only = [c.strip() for c in ns.only.split(",") if c.strip()] if ns.only else None
+    path = reproduce("quick" if ns.quick else "full", ns.out, ns.workers, ns.docs, only=only)
+    print(path.read_text())
+    print(f"claims report: {path}")
+
+
+#: The commands that do not build a run config from the run options (run and compare do).
+_COMMANDS = {"partition": _cmd_partition, "clients": _cmd_clients, "flower": _cmd_flower, "peer": _cmd_peer, "peer-report": _cmd_peer_report,
+             "sweep": _cmd_sweep, "report": _cmd_report, "reproduce": _cmd_reproduce}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``fedmutual`` and ``python -m fedmutual``; returns the exit status."""
     parser = build_parser()
@@ -280,9 +294,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ns.command is None:
         ns = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
     try:
-        if ns.command == "partition":
-            _cmd_partition(ns)
-            return 0
         if ns.command == "run" and ns.resume is not None:
             from fedmutual.config import ConfigError
             from fedmutual.experiment.runner import resume
@@ -294,31 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"drop {', '.join(given)} (to change settings, start a new run)")
             resume(ns.resume)
             return 0
-        if ns.command == "clients":
-            _cmd_clients(ns)
-            return 0
-        if ns.command == "flower":
-            _cmd_flower(ns)
-            return 0
-        if ns.command == "peer":
-            _cmd_peer(ns)
-            return 0
-        if ns.command == "peer-report":
-            _cmd_peer_report(ns)
-            return 0
-        if ns.command == "sweep":
-            _cmd_sweep(ns)
-            return 0
-        if ns.command == "report":
-            _cmd_report(ns)
-            return 0
-        if ns.command == "reproduce":
-            from fedmutual.experiment.claims import reproduce
-
-            only = [c.strip() for c in ns.only.split(",") if c.strip()] if ns.only else None
-            path = reproduce("quick" if ns.quick else "full", ns.out, ns.workers, ns.docs, only=only)
-            print(path.read_text())
-            print(f"claims report: {path}")
+        own = _COMMANDS.get(ns.command)
+        if own is not None:
+            own(ns)
             return 0
         from fedmutual.config import build_config
 
