@@ -36,7 +36,7 @@ def test_invalid_values_name_the_key_and_the_allowed_values():
     with pytest.raises(ConfigError, match=r"algorithm: unknown algorithm 'fedsgd'; allowed: fedavg, fedprox, local, .*fml.*, "
                                           r"or an import string such as 'mypackage.module:Name'"):
         validate({"algorithm": "fedsgd"})
-    with pytest.raises(ConfigError, match=r"model: unknown model 'resnet'; allowed: cnn1, cnn2, dmlcnn, lenet5, mlp"):
+    with pytest.raises(ConfigError, match=r"model: unknown model 'resnet'; allowed: cnn1, cnn2, dmlcnn, fedavgcnn, lenet5, mlp"):
         validate({"model": "resnet"})
     with pytest.raises(ConfigError, match=r"lr: Input should be greater than 0"):
         validate({"lr": 0})

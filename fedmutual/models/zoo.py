@@ -1,4 +1,5 @@
-"""The model zoo of ALGORITHMS.md (MLP, LeNet5, CNN1, CNN2 and DML-FL's CNN ``dmlcnn``) and the
+"""The model zoo of ALGORITHMS.md (MLP, LeNet5, CNN1, CNN2, DML-FL's CNN ``dmlcnn``, and ``fedavgcnn``, the
+(F)MNIST CNN that other simulators run FML with) and the
 registry :data:`MODELS` through which configs name models, the zoo's and users' alike.
 
 Every zoo model is a flat ``nn.Sequential`` of standard layers. That keeps the
@@ -123,6 +124,24 @@ def dmlcnn(input_shape: InputShape, num_classes: int) -> nn.Sequential:
     )
 
 
+def fedavgcnn(input_shape: InputShape, num_classes: int) -> nn.Sequential:
+    """The (F)MNIST CNN of McMahan et al. (2017) as PFLlib ships it (``FedAvgCNN``): two unpadded 5x5 convs
+    (32, 64 channels), each -> ReLU -> maxpool 2, then FC 512 -> ReLU -> FC C. On 28x28 inputs the flattened
+    map is 64x4x4 = 1024 and the model has 582,026 parameters for 10 classes."""
+    c = input_shape[0]
+    features = nn.Sequential(
+        nn.Conv2d(c, 32, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+    )
+    n = _flat_size(features, input_shape)
+    return nn.Sequential(*features, nn.Linear(n, 512), nn.ReLU(), nn.Linear(512, num_classes))
+
+
 def _check_builder(name: str, obj: object) -> ModelBuilder:
     if not callable(obj):
         raise TypeError(
@@ -150,7 +169,8 @@ def register_model(name: str, builder: ModelBuilder, replace: bool = False) -> M
     return builder
 
 
-for _name, _builder in (("mlp", mlp), ("lenet5", lenet5), ("cnn1", cnn1), ("cnn2", cnn2), ("dmlcnn", dmlcnn)):
+for _name, _builder in (("mlp", mlp), ("lenet5", lenet5), ("cnn1", cnn1), ("cnn2", cnn2), ("dmlcnn", dmlcnn),
+                       ("fedavgcnn", fedavgcnn)):
     register_model(_name, _builder)
 del _name, _builder
 

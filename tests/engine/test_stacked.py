@@ -726,3 +726,26 @@ def _no_dropout(model: nn.Module) -> nn.Module:
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     return model
+
+
+def test_relu_then_disjoint_max_pool_runs_as_pool_then_relu_with_equal_outputs_and_gradients():
+    """The reordering is exact: equal values and gradients bit for bit, on data with ties and non-positive windows."""
+    from fedmutual.engine.stacking.layers import _pool_before_relu
+
+    x = torch.randint(-3, 4, (4, 6, 8, 8)).float().contiguous(memory_format=torch.channels_last)  # many ties, many zeros
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = nn.MaxPool2d(2)(torch.relu(a)), torch.relu(nn.MaxPool2d(2)(b))
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    assert torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+
+    def order(model: nn.Module) -> list[int]:
+        return StackedModel([model, copy.deepcopy(model)])._order
+
+    assert order(build_model("lenet5", (1, 28, 28), 10))[:6] == [0, 2, 1, 3, 5, 4]  # conv, pool, relu, conv, pool, relu
+    cnn1 = build_model("cnn1", (1, 28, 28), 10)
+    assert order(cnn1) == list(range(len(cnn1)))  # already pool -> relu
+    overlapping = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.MaxPool2d(3, stride=2), nn.Flatten())
+    assert order(overlapping) == [0, 1, 2, 3]  # windows overlap: the gradients could differ, so the order stays
+    assert _pool_before_relu([]) == []

@@ -85,3 +85,10 @@ def test_the_quick_pipeline_runs_every_claim_end_to_end(tmp_path: Path) -> None:
     assert "seeds = [0, 1, 2]" in spec
     done = [json.loads(p.read_text())["status"] for p in (tmp_path / "out" / "quick").rglob("summary.json")]
     assert done and set(done) == {"completed"}
+    # judged again with every run complete: the wall time reported is still the time the sweeps took, not this call's
+    wall = json.loads((tmp_path / "out" / "quick" / "timing.json").read_text())
+    assert set(wall) == {"fml-table1", "fml-mh", "fml-oh", "dfml-het", "dfml-homo", "dfedavg-ce", "dmlfl"} and min(wall.values()) > 0
+    again = reproduce("quick", tmp_path / "out", log=lambda m: None).read_text()
+    later = json.loads((tmp_path / "out" / "quick" / "timing.json").read_text())
+    assert all(later[n] >= wall[n] for n in wall)
+    assert f"{sum(later.values()) / 60:.1f} min of wall time" in again

@@ -81,7 +81,7 @@ def test_import_strings_keep_their_case_in_lists_and_round_robin(nets):
 
 
 def test_model_config_errors():
-    with pytest.raises(ConfigError, match=r"model: unknown model 'resnet'; allowed: cnn1, cnn2, dmlcnn, lenet5, mlp, "
+    with pytest.raises(ConfigError, match=r"model: unknown model 'resnet'; allowed: cnn1, cnn2, dmlcnn, fedavgcnn, lenet5, mlp, "
                                           r"or an import string"):
         validate({"model": "mlp,resnet"})
     with pytest.raises(ConfigError, match=r"model: model 'no_such_fm_pkg.nets:Net': cannot import module"):
@@ -174,5 +174,5 @@ def test_broken_builders_give_plain_errors():
         build_model("wrong-signature", (1, 2, 2), 2)
     with pytest.raises(ConfigError, match="num_classes must be >= 1"):
         build_model("mlp", (1, 2, 2), 0)
-    with pytest.raises(ConfigError, match=r"unknown model 'nope'; allowed: cnn1, cnn2, dmlcnn, lenet5, mlp, "):
+    with pytest.raises(ConfigError, match=r"unknown model 'nope'; allowed: cnn1, cnn2, dmlcnn, fedavgcnn, lenet5, mlp, "):
         build_model("nope", (1, 2, 2), 2)

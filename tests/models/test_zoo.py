@@ -21,3 +21,18 @@ def test_dmlcnn_layers_and_parameter_count_by_hand(shape, flat):
     assert model(torch.zeros(2, *shape)).shape == (2, 1)
     assert architecture(model) is not None  # the stacked engine converts it
     assert sum(p.numel() for p in build_model("dmlcnn", shape, 10).parameters()) == convs + flat * 64 + 64 + 65 * 10
+
+
+def test_fedavgcnn_layers_and_parameter_count_by_hand():
+    model = build_model("fedavgcnn", (1, 28, 28), 10)
+    assert [type(m) for m in model] == [
+        nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Conv2d, nn.ReLU, nn.MaxPool2d, nn.Flatten, nn.Linear, nn.ReLU, nn.Linear,
+    ]
+    assert (model[0].kernel_size, model[0].padding, model[3].kernel_size, model[3].padding) == ((5, 5), (0, 0), (5, 5), (0, 0))
+    # 28 -> conv5 24 -> pool 12 -> conv5 8 -> pool 4: 64 * 4 * 4 = 1024 features
+    convs = (1 * 25 * 32 + 32) + (32 * 25 * 64 + 64)
+    dense = (1024 * 512 + 512) + (512 * 10 + 10)
+    assert convs + dense == 582_026
+    assert sum(p.numel() for p in model.parameters()) == 582_026
+    assert model(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    assert architecture(model) is not None

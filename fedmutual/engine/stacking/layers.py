@@ -227,6 +227,34 @@ def _convert(mods: Sequence[nn.Module]) -> _Layer:
     return _Apply(first)
 
 
+def _plain_pool(mod: nn.Module) -> bool:
+    """A max pooling over disjoint windows: kernel = stride, no padding, dilation or ceil mode."""
+    if type(mod) is not nn.MaxPool2d or mod.return_indices or mod.ceil_mode:
+        return False
+    stride = mod.stride if mod.stride is not None else mod.kernel_size
+    return bool(mod.kernel_size == stride and mod.padding in (0, (0, 0)) and mod.dilation in (1, (1, 1)))
+
+
+def _pool_before_relu(layers: Sequence[tuple[str, _Layer]]) -> list[int]:
+    """The order the layers run in: each ReLU -> MaxPool2d pair runs as MaxPool2d -> ReLU.
+
+    ReLU is monotonic, so the maximum of a window of ReLU outputs is the ReLU of the window's maximum: the
+    outputs are equal bit for bit, and so are the gradients (both reach the window's first maximum, or
+    nothing when the maximum is not positive). The ReLU then touches a quarter of the elements (2x2 pools),
+    and the pooling reads the convolution's output directly.
+    """
+    order = list(range(len(layers)))
+    i = 0
+    while i + 1 < len(layers):
+        a, b = layers[i][1], layers[i + 1][1]
+        if (isinstance(a, _Apply) and type(a.mod) is nn.ReLU and isinstance(b, _Apply) and _plain_pool(b.mod)):
+            order[i], order[i + 1] = i + 1, i
+            i += 2
+        else:
+            i += 1
+    return order
+
+
 class StackedModel:
     """S models of one :func:`architecture` as one model; parameters are leaf tensors ``[S, *shape]``.
 
@@ -247,6 +275,7 @@ class StackedModel:
         self._module_names = [[name for name, _ in layers] for layers in per_model if layers is not None]
         for group in zip(*per_model):
             self.layers.append((group[0][0], _convert([mod for _, mod in group])))
+        self._order = _pool_before_relu(self.layers)
         self.skip_input_flatten = type(self.layers[0][1]) is _Flatten
         names = [n for n, _ in models[0].named_parameters()]
         by_name = {f"{prefix}.{k}": v for prefix, layer in self.layers for k, v in layer.params.items()}
@@ -290,8 +319,8 @@ class StackedModel:
         if mask is not None and repeat > 1:
             mask = mask.repeat_interleave(repeat, 0)
         h = self._input(x, repeat)
-        for _, layer in self.layers:
-            h = layer.forward(h, m, mask)
+        for i in self._order:
+            h = self.layers[i][1].forward(h, m, mask)
         return h
 
     def prox(self, refs: Sequence[torch.Tensor], mu: torch.Tensor | float, m: int) -> torch.Tensor:
