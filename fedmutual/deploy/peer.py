@@ -445,7 +445,7 @@ def merge_reports(dirs: list[str | Path], out: str | Path | None = None) -> Path
                           if m is not None and not m.get("absent") else {"test": None, "val": None, "extra": {}} for m in mine]
             row.update(assemble_accuracies(None, per_client))
         else:
-            row.update({"global_acc": None, "client_acc_global_test": None, "personal_acc": None})
+            row.update({"global_acc": None, "client_acc_global_test": None, "personal_acc": None, "evaluated_clients": 0})
         up = [m["bytes_up"] if m is not None else 0 for m in mine]
         down = [m["bytes_down"] if m is not None else 0 for m in mine]
         row.update({"bytes_up": sum(up), "bytes_down": sum(down), "bytes_up_per_client": up, "bytes_down_per_client": down})

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from fedmutual.engine.jobs import (
     ClientJob, JobResult, Member, accuracy, batch_order, count_steps, prox_term, sgd, train_job,
 )
+from fedmutual.engine.phases import phase
 from fedmutual.engine.stacked import run_cohort_stacked
 
 __all__ = [
@@ -35,6 +36,7 @@ def run_cohort(
     faster). Both give the same results up to floating-point rounding; see
     :mod:`fedmutual.engine.stacked`. ``on_step`` is called once per client step.
     """
-    if engine == "loop":
-        return [train_job(job, round, on_step) for job in jobs]
-    return run_cohort_stacked(jobs, round, on_step, engine)
+    with phase("train"):
+        if engine == "loop":
+            return [train_job(job, round, on_step) for job in jobs]
+        return run_cohort_stacked(jobs, round, on_step, engine)

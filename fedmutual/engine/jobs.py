@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from fedmutual.engine.phases import phase
 from fedmutual.errors import NonFiniteLossError
 from fedmutual.losses import CEFn, cross_entropy, mutual_loss
 from fedmutual.seeding import torch_generator
@@ -83,6 +84,11 @@ def prox_term(model: nn.Module, ref: Sequence[torch.Tensor], mu: float) -> torch
 
 def train_job(job: ClientJob, round: int, on_step: Callable[[], None] | None = None) -> JobResult:
     """Run one client's job with a plain loop over its members."""
+    with phase("train.loop"):
+        return _train_job(job, round, on_step)
+
+
+def _train_job(job: ClientJob, round: int, on_step: Callable[[], None] | None) -> JobResult:
     result = JobResult(job.client, loss=[0.0] * len(job.members))
     for m in job.members:
         m.model.train()

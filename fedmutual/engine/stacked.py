@@ -35,6 +35,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from fedmutual.engine.jobs import ClientJob, JobResult, batch_order, train_job
+from fedmutual.engine.phases import phase
 from fedmutual.engine.stacking import (
     Footprint, OptimSpec, Signature, StackedModel, StackedOptimizer, architecture, has_batchnorm, optimizer_spec,
     stacked_optimizer, trace,
@@ -312,53 +313,65 @@ def train_chunk(
         layout.append((a, b, torch.tensor(valid, device=device) if min(valid) < b else None))
     arange = torch.arange(width, device=device)
 
-    stacks = _build_stacks(jobs)
+    with phase("train.stack"):
+        stacks = _build_stacks(jobs)
     w_ce = [_per_client([job.members[i].w_ce for job in jobs], first.x) for i in range(n_members)]
     w_kl = [_per_client([job.members[i].w_kl for job in jobs], first.x) for i in range(n_members)]
     loss_sum = torch.zeros(c, n_members, dtype=torch.float64, device=device)
     for s, (a, b, counts) in enumerate(layout):
         mask = arange[:b] < counts[:, None] if counts is not None else None
-        for j in range(a):
-            torch.index_select(jobs[j].x, 0, index[s, j, :b], out=xbuf[j, :b])
-            torch.index_select(jobs[j].y, 0, index[s, j, :b], out=ybuf[j, :b])
-            for src, buf in tpairs[j]:
-                torch.index_select(src, 0, index[s, j, :b], out=buf[j, :b])
-        xb, yb = xbuf[:a, :b], ybuf[:a, :b]
-        tb = None if tbufs is None else [None if buf is None else buf[:a, :b] for buf in tbufs]
-        by_member: dict[int, torch.Tensor] = {}
-        prox: list[torch.Tensor] = []
-        for st in stacks:
-            n = len(st.members)
-            out = st.model.forward(xb, n, mask).view(a, n, b, -1)
-            for pos, i in enumerate(st.members):
-                by_member[i] = out[:, pos]
-            if st.refs is not None:
-                prox.append(st.model.prox(st.refs, _first(st.mu, a * n), a * n).view(a, n).sum(1))
-        logits = [by_member[i] for i in range(n_members)]
-        total, parts = mutual_loss(
-            logits, yb, [_first(w, a) for w in w_ce], [_first(w, a) for w in w_kl],
-            first.temperature, first.ce, first.peers, mask, teachers=tb, kl=first.kl,
-        )
-        for p in prox:
-            total = total + p.sum()
-        if not math.isfinite(float(total.detach())):
-            per_client = (torch.stack(parts).sum(0) + sum(prox)).detach()
-            for j in torch.nonzero(~torch.isfinite(per_client)).flatten().tolist():
-                failures.setdefault(ids[j], float(per_client[j]))
-        for st in stacks:
-            st.opt.begin(a * len(st.members))
-        total.backward()  # the optimizers update each parameter as soon as its gradient is ready
-        loss_sum[:a] += torch.stack(parts, 1).detach().to(torch.float64)
+        with phase("train.gather"):
+            for j in range(a):
+                torch.index_select(jobs[j].x, 0, index[s, j, :b], out=xbuf[j, :b])
+                torch.index_select(jobs[j].y, 0, index[s, j, :b], out=ybuf[j, :b])
+                for src, buf in tpairs[j]:
+                    torch.index_select(src, 0, index[s, j, :b], out=buf[j, :b])
+        with phase("train.step"):
+            loss_sum[:a] += _step(stacks, jobs, xbuf[:a, :b], ybuf[:a, :b], tbufs, a, b, mask, w_ce, w_kl, failures, ids)
         if on_step is not None:
             for _ in range(a):
                 on_step()
-    for st in stacks:
-        st.model.write_back()
-        st.opt.write_back()
+    with phase("train.write_back"):
+        for st in stacks:
+            st.model.write_back()
+            st.opt.write_back()
     for r, row in zip(results, loss_sum.tolist()):
         if r.steps:
             r.loss = [v / r.steps for v in row]
     return results
+
+
+def _step(stacks: Sequence[_Stack], jobs: Sequence[ClientJob], xb: torch.Tensor, yb: torch.Tensor,
+          tbufs: Sequence[torch.Tensor | None] | None, a: int, b: int, mask: torch.Tensor | None,
+          w_ce: Sequence[float | torch.Tensor], w_kl: Sequence[float | torch.Tensor], failures: dict[int, float],
+          ids: Sequence[int]) -> torch.Tensor:
+    """One stacked optimizer step of the first ``a`` clients on their gathered batches; their losses ``[a, members]``."""
+    first, n_members = jobs[0], len(jobs[0].members)
+    tb = None if tbufs is None else [None if buf is None else buf[:a, :b] for buf in tbufs]
+    by_member: dict[int, torch.Tensor] = {}
+    prox: list[torch.Tensor] = []
+    for st in stacks:
+        n = len(st.members)
+        out = st.model.forward(xb, n, mask).view(a, n, b, -1)
+        for pos, i in enumerate(st.members):
+            by_member[i] = out[:, pos]
+        if st.refs is not None:
+            prox.append(st.model.prox(st.refs, _first(st.mu, a * n), a * n).view(a, n).sum(1))
+    logits = [by_member[i] for i in range(n_members)]
+    total, parts = mutual_loss(
+        logits, yb, [_first(w, a) for w in w_ce], [_first(w, a) for w in w_kl],
+        first.temperature, first.ce, first.peers, mask, teachers=tb, kl=first.kl,
+    )
+    for p in prox:
+        total = total + p.sum()
+    if not math.isfinite(float(total.detach())):
+        per_client = (torch.stack(parts).sum(0) + sum(prox)).detach()
+        for j in torch.nonzero(~torch.isfinite(per_client)).flatten().tolist():
+            failures.setdefault(ids[j], float(per_client[j]))
+    for st in stacks:
+        st.opt.begin(a * len(st.members))
+    total.backward()  # the optimizers update each parameter as soon as its gradient is ready
+    return torch.stack(parts, 1).detach().to(torch.float64)
 
 
 def run_cohort_stacked(

@@ -47,6 +47,8 @@ BUDGETS = {
     "quick": Budget("quick", (0, 1, 2), 2, 300, 200, ("lenet5",), ("iid", "shards:2"), 2, 4, 2, 1),
 }
 
+MH_FACTOR = 2  # the MH and OH sweeps run the table's rounds and this many times them (CNN2 clients make them the slowest)
+
 PARTITION_NAMES = {"iid": "IID", "shards:6": "non-IID(1)", "shards:4": "non-IID(2)", "shards:2": "non-IID(3)"}
 
 
@@ -62,6 +64,7 @@ class Claim:
     text: str
     sweeps: Callable[[Budget], dict[str, dict[str, Any]]]
     judge: Callable[[dict[str, list[RunRecord]], Budget], Finding]
+    ablation: bool = False  # an experiment that explains a claim's verdict: it has a finding, not a verdict
 
 
 def _common(b: Budget, **over: Any) -> dict[str, Any]:
@@ -190,10 +193,88 @@ def _judge_dh(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
     return Finding("holds" if wins == total else "does not hold" if wins == 0 else f"depends on the cell ({wins} of {total})", lines)
 
 
+def _ablation_table_sweeps(b: Budget) -> dict[str, dict[str, Any]]:
+    model, part = b.table_models[0], b.table_partitions[-1]
+    base = _common(b, clients=5, rounds=b.rounds, local_epochs=1, model=model)
+    return {**_table_sweeps(b),
+            "fedprox-mu": {"seeds": list(b.seeds), "base": {**base, "partition": part, "algorithm": "fedprox"},
+                           "grid": {"fedprox.mu": [0.1, 1.0]}},
+            "fml-budget": {"seeds": list(b.seeds), "base": {**base, "partition": "iid", "rounds": 3 * b.rounds},
+                           "grid": {"algorithm": ["fedavg", "fml"]}}}
+
+
+def _judge_table_ablation(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
+    model, part = b.table_models[0], b.table_partitions[-1]
+    table = _by(sweeps["fml-table1"], "model", "partition")
+
+    def cell(p: str) -> dict[str, dict[int, RunRecord]]:
+        return table.get((json.dumps(model), json.dumps(p)), {})
+
+    def acc(runs: Mapping[int, RunRecord]) -> str:
+        return mean_sd_text([v for v in (_final(r, "global_acc") for r in runs.values()) if v is not None])
+
+    fedavg = cell(part).get("fedavg", {})
+    mus: dict[float, dict[int, RunRecord]] = {0.01: cell(part).get("fedprox", {})}
+    for c, algs in _by(sweeps["fedprox-mu"], "fedprox.mu").items():
+        mus[float(json.loads(c[0]))] = algs.get("fedprox", {})
+    lines = [f"**FedProx's μ** ({model}, {PARTITION_NAMES.get(part, part)}, {b.rounds} rounds of E = 1; the table runs μ = 0.01):",
+             "", "| μ | FedProx | FedProx − FedAvg (paired, 95%) |", "|---|---|---|", f"| (FedAvg) | {acc(fedavg)} | |"]
+    below = []
+    for mu in sorted(mus):
+        lines.append(f"| {mu:g} | {acc(mus[mu])} | {_diff(mus[mu], fedavg, 'global_acc')} |")
+        m_p, m_a = _mean_final(mus[mu], "global_acc"), _mean_final(fedavg, "global_acc")
+        if m_p is not None and m_a is not None and m_p < m_a:
+            below.append(mu)
+    budget = _by(sweeps["fml-budget"]).get((), {})
+    rows = [(b.rounds, cell("iid")), (3 * b.rounds, budget)]
+    lines += ["", f"**The budget** ({model}, IID): FML's global model against FedAvg's as rounds grow.", "",
+              "| rounds | FedAvg | FML | FML − FedAvg (paired, 95%) |", "|---|---|---|---|"]
+    gaps = []
+    for rounds, algs in rows:
+        fa, fm = algs.get("fedavg", {}), algs.get("fml", {})
+        lines.append(f"| {rounds} | {acc(fa)} | {acc(fm)} | {_diff(fm, fa, 'global_acc')} |")
+        m_m, m_a = _mean_final(fm, "global_acc"), _mean_final(fa, "global_acc")
+        gaps.append(None if m_m is None or m_a is None else m_m - m_a)
+    prox = ("FedProx falls below FedAvg at μ = " + ", ".join(f"{m:g}" for m in below) if below
+            else "FedProx does not fall below FedAvg at any μ tried")
+    if gaps[0] is not None and gaps[1] is not None:
+        trend = "narrows" if abs(gaps[1]) < abs(gaps[0]) else "does not narrow"
+        gap = f"FML's IID gap to FedAvg {trend} with the budget ({100 * gaps[0]:+.2f} at {b.rounds} rounds, {100 * gaps[1]:+.2f} at {3 * b.rounds})"
+    else:
+        gap = "the budget runs are missing"
+    return Finding(f"{prox}; {gap}", lines)
+
+
+def _ablation_dfml_sweeps(b: Budget) -> dict[str, dict[str, Any]]:
+    homo = _dfml_sweeps(b)["dfml-homo"]
+    return {**_dfml_sweeps(b), "dfml-budget": {"seeds": list(b.seeds), "base": {**homo["base"], "rounds": 3 * b.dfml_rounds},
+                                               "grid": {"algorithm": ["dfml", "dfedavg"]}}}
+
+
+def _judge_dfml_ablation(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
+    key = "client_acc_global_test_mean"
+    rows = [(b.dfml_rounds, _by(sweeps["dfml-homo"]).get((), {})), (3 * b.dfml_rounds, _by(sweeps["dfml-budget"]).get((), {}))]
+    lines = ["**The budget** (LeNet5 on every client, Dirichlet(0.1)): each round DFML trains the participants' models on "
+             "one aggregator's data, while decentralized FedAvg trains every participant on its own.", "",
+             "| rounds | DFML | DFedAvg (WSM) | DFML − DFedAvg (paired, 95%) |", "|---|---|---|---|"]
+    gaps = []
+    for rounds, algs in rows:
+        d, f = algs.get("dfml", {}), algs.get("dfedavg", {})
+        lines.append(f"| {rounds} | {mean_sd_text([v for v in (_final(r, key) for r in d.values()) if v is not None])} | "
+                     f"{mean_sd_text([v for v in (_final(r, key) for r in f.values()) if v is not None])} | {_diff(d, f, key)} |")
+        m_d, m_f = _mean_final(d, key), _mean_final(f, key)
+        gaps.append(None if m_d is None or m_f is None else m_d - m_f)
+    if gaps[0] is None or gaps[1] is None:
+        return Finding("the budget runs are missing", lines)
+    trend = "closes" if gaps[1] >= 0 > gaps[0] else "narrows" if abs(gaps[1]) < abs(gaps[0]) else "does not narrow"
+    return Finding(f"DFML's gap to DFedAvg (WSM) {trend} with the budget ({100 * gaps[0]:+.2f} at {b.dfml_rounds} rounds, "
+                   f"{100 * gaps[1]:+.2f} at {3 * b.dfml_rounds})", lines)
+
+
 # ------------------------------------------------------------------ MH and OH: every client against itself alone
 
 def _mh_oh_sweeps(b: Budget) -> dict[str, dict[str, Any]]:
-    budgets = [b.rounds, 3 * b.rounds]
+    budgets = [b.rounds, MH_FACTOR * b.rounds]
     return {name: {"config": cfg, "seeds": list(b.seeds), "base": _common(b, local_epochs=1),
                    "grid": {"rounds": budgets, "algorithm": ["fml", "local"]}}
             for name, cfg in (("fml-mh", "fml-mh-fmnist.toml"), ("fml-oh", "fml-oh-fmnist.toml"))}
@@ -224,7 +305,7 @@ def _judge_mh_oh(sweeps: dict[str, list[RunRecord]], b: Budget) -> Finding:
             if all_up:
                 holds_at.setdefault(name, []).append(rounds)
         lines.append("")
-    top = 3 * b.rounds
+    top = MH_FACTOR * b.rounds
     if all(top in holds_at.get(n, []) for n in ("fml-mh", "fml-oh")):
         at = {n: min(holds_at[n]) for n in holds_at}
         return Finding("holds" if all(v == b.rounds for v in at.values()) else
@@ -312,6 +393,8 @@ CLAIMS: list[Claim] = [
     Claim("dfml", "DFML beats decentralized FedAvg (with and without WSM) and local training, with heterogeneous and homogeneous "
           "models, Dirichlet(0.1).", _dfml_sweeps, _judge_dfml),
     Claim("dmlfl", "DML-FL's clients beat FedAvg, asynchronous weight updating and local training.", _dmlfl_sweeps, _judge_dmlfl),
+    Claim("table1-why", "Ablation for Table 1: FedProx's μ, and the budget.", _ablation_table_sweeps, _judge_table_ablation, ablation=True),
+    Claim("dfml-why", "Ablation for DFML: the budget.", _ablation_dfml_sweeps, _judge_dfml_ablation, ablation=True),
 ]
 
 
@@ -407,7 +490,7 @@ def _write(claims: Sequence[Claim], b: Budget, runs: dict[str, list[RunRecord]],
     for c in claims:
         names = list(c.sweeps(b))
         finding = c.judge({n: runs[n] for n in names}, b)
-        lines += [f"### {c.text}", "", f"**Verdict: {finding.verdict}.**", "", *finding.lines, "",
+        lines += [f"### {c.text}", "", f"**{'Finding' if c.ablation else 'Verdict'}: {finding.verdict}.**", "", *finding.lines, "",
                   "Runs: " + "; ".join(f"`fedmutual sweep {specs_dir.name}/{n}.toml` ({len(runs[n])} runs, {wall.get(n, 0.0) / 60:.1f} min "
                                        f"wall, {_run_seconds(runs[n]) / 60:.1f} min run time)"
                                        for n in names) + f", under `{root}`.", ""]

@@ -21,6 +21,7 @@ from fedmutual.data import ArrayDataset
 from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import accuracy
 from fedmutual.engine.evaluation import shared_accuracies
+from fedmutual.engine.phases import phase
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import DataError, NonFiniteLossError
 from fedmutual.experiment import checkpoint
@@ -33,7 +34,7 @@ from fedmutual.report.plots import plot_run
 from fedmutual.report.tables import markdown_table, summary_rows
 from fedmutual.runtimes.faults import RoundEvents, plan_round
 from fedmutual.runtimes.inprocess import InProcess, client_envs, party_name
-from fedmutual.seeding import derive_seed
+from fedmutual.seeding import derive_seed, numpy_rng
 
 
 @dataclass
@@ -121,49 +122,65 @@ def _run_dir(cfg: Config) -> Path:
     return path
 
 
-def evaluate(b: Built, cfg: Config) -> dict[str, Any]:
-    """global_acc, and each client's deployable model on the test set and on its validation split."""
+def evaluated_clients(cfg: Config, t: int, last: bool) -> list[int]:
+    """The clients whose models round t's evaluation measures: all of them when there are at most
+    ``eval_clients`` (and at the last round), otherwise a sample of ``eval_clients`` drawn from the run seed and the
+    round, so that runs with many clients are not dominated by evaluation."""
+    k = cfg.clients
+    if last or cfg.eval_clients is None or k <= cfg.eval_clients:
+        return list(range(k))
+    return sorted(int(i) for i in numpy_rng(cfg.seed, "evaluate", t).choice(k, cfg.eval_clients, replace=False))
+
+
+def evaluate(b: Built, cfg: Config, t: int = 0, last: bool = True) -> dict[str, Any]:
+    """global_acc, and each evaluated client's deployable model on the test set and on its validation split
+    (:func:`evaluated_clients`; the others' entries are None, and ``evaluated_clients`` counts the measured ones)."""
     alg, rt, test_x, test_y, bs = b.alg, b.runtime, b.test_x, b.test_y, cfg.eval_batch_size
-    server = rt.server_state()
-    remote = rt.client_accuracies(server)
-    if remote is not None:  # the clients' states live on their nodes, which measured them
-        return _assemble(alg.global_model(server), remote, test_x, test_y, bs)
-    states = [rt.client_state(k) for k in range(len(b.clients))]
+    with phase("eval"):
+        server = rt.server_state()
+        remote = rt.client_accuracies(server)
+        if remote is not None:  # the clients' states live on their nodes, which measured them
+            out = _assemble(alg.global_model(server), remote, test_x, test_y, bs)
+        else:
+            out = _evaluate_here(b, cfg, server, evaluated_clients(cfg, t, last))
+        return out
+
+
+def _evaluate_here(b: Built, cfg: Config, server: Any, chosen: list[int]) -> dict[str, Any]:
+    """:func:`evaluate` on states held in this process: every chosen model on the shared test set in one call."""
+    alg, rt, test_x, test_y, bs = b.alg, b.runtime, b.test_x, b.test_y, cfg.eval_batch_size
+    states = {k: rt.client_state(k) for k in chosen}
 
     def shared(d: ClientData) -> bool:  # the client is tested on the run's test set under the run's task
         return d.test_y is None or d.test_y is test_y
 
-    per_client = [alg.extra_models(server, s) for s in states]
-    extras = {name: [e[name] for e in per_client] for name in (per_client[0] if per_client else {})}
+    extras = {k: alg.extra_models(server, s) for k, s in states.items()}
+    models = {k: alg.client_model(server, s) for k, s in states.items()}
     g = alg.global_model(server)
-    models = [alg.client_model(server, s) for s in states]
-    on_test = [g] + [m for m, d in zip(models, b.clients) if shared(d)]
-    on_test += [m for extra in extras.values() for m, d in zip(extra, b.clients) if shared(d)]
+    on_test = [g] + [models[k] for k in chosen if shared(b.clients[k])]
+    on_test += [m for k in chosen if shared(b.clients[k]) for m in extras[k].values()]
     listed = [m for m in on_test if m is not None]
-    # test accuracy per model object: every model on the shared test set in one call (stacked where it pays)
-    cache = dict(zip(map(id, listed), shared_accuracies(listed, test_x, test_y, bs, cfg.engine)))
+    with phase("eval.test"):  # test accuracy per model object, stacked where it pays
+        cache = dict(zip(map(id, listed), shared_accuracies(listed, test_x, test_y, bs, cfg.engine)))
 
-    def test_acc(model: torch.nn.Module) -> float:
+    def client_test_acc(model: torch.nn.Module, d: ClientData) -> float:
+        if not shared(d):
+            assert d.test_x is not None and d.test_y is not None
+            return accuracy(model, d.test_x, d.test_y, bs)
         if id(model) not in cache:
             cache[id(model)] = accuracy(model, test_x, test_y, bs)
         return cache[id(model)]
 
-    def client_test_acc(model: torch.nn.Module, d: ClientData) -> float:
-        if shared(d):
-            return test_acc(model)
-        assert d.test_x is not None and d.test_y is not None
-        return accuracy(model, d.test_x, d.test_y, bs)
-
-    out: dict[str, Any] = {"global_acc": test_acc(g) if g is not None else None}
-    out["client_acc_global_test"] = [client_test_acc(m, d) for m, d in zip(models, b.clients)]
-    out["personal_acc"] = [accuracy(m, d.val_x, d.val_y, bs) if d.val_y.numel() else None for m, d in zip(models, b.clients)]
-    out["client_acc_global_test_mean"] = float(np.mean(out["client_acc_global_test"]))
-    vals = [v for v in out["personal_acc"] if v is not None]
-    out["personal_acc_mean"] = float(np.mean(vals)) if vals else None
-    for name, extra in extras.items():
-        accs = [client_test_acc(m, d) for m, d in zip(extra, b.clients)]
-        out[f"{name}_acc_global_test"], out[f"{name}_acc_global_test_mean"] = accs, float(np.mean(accs))
-    return out
+    per_client: list[dict[str, Any]] = []
+    for k, d in enumerate(b.clients):
+        if k not in states:
+            per_client.append({"test": None, "val": None, "extra": {name: None for name in (extras[chosen[0]] if chosen else {})}})
+            continue
+        with phase("eval.val"):
+            val = accuracy(models[k], d.val_x, d.val_y, bs) if d.val_y.numel() else None
+        per_client.append({"test": client_test_acc(models[k], d), "val": val,
+                           "extra": {name: client_test_acc(m, d) for name, m in extras[k].items()}})
+    return assemble_accuracies(cache[id(g)] if g is not None else None, per_client)
 
 
 def _assemble(g: torch.nn.Module | None, per_client: list[dict[str, Any]], test_x: torch.Tensor, test_y: torch.Tensor,
@@ -185,6 +202,7 @@ def assemble_accuracies(global_acc: float | None, per_client: list[dict[str, Any
     out["personal_acc"] = [c["val"] for c in per_client]
     out["client_acc_global_test_mean"] = mean(out["client_acc_global_test"])
     out["personal_acc_mean"] = mean(out["personal_acc"])
+    out["evaluated_clients"] = sum(c["test"] is not None or c["val"] is not None for c in per_client)
     names = list(dict.fromkeys(n for c in per_client for n in c["extra"]))
     for name in names:
         accs = [c["extra"].get(name) for c in per_client]
@@ -288,18 +306,20 @@ def _execute(cfg: Config, quiet: bool, data: Prepared | ArrayDataset | None, par
             row: dict[str, Any] = {"round": t + 1, "participants": participants}
             last = t + 1 == cfg.rounds
             if (t + 1) % cfg.eval_every == 0 or last:
-                row.update(evaluate(b, cfg))
+                row.update(evaluate(b, cfg, t, last))
             else:
-                row.update({"global_acc": None, "client_acc_global_test": None, "personal_acc": None})
+                row.update({"global_acc": None, "client_acc_global_test": None, "personal_acc": None, "evaluated_clients": 0})
             up = [sent.get(party_name(k), 0) for k in range(cfg.clients)]
             down = [received.get(party_name(k), 0) for k in range(cfg.clients)]
             row.update({"bytes_up": sum(up), "bytes_down": sum(down), "bytes_up_per_client": up, "bytes_down_per_client": down})
             row.update({k: float(v) for k, v in stats.items()})
             row["faults"] = rt.events.as_row()
             row["seconds"] = time.perf_counter() - start_time
-            writer.write(row)
+            with phase("metrics"):
+                writer.write(row)
             if cfg.checkpoint_every and ((t + 1) % cfg.checkpoint_every == 0 or last):
-                _save_checkpoint(run_dir, cfg, b, writer.rows, t + 1)
+                with phase("checkpoint"):
+                    _save_checkpoint(run_dir, cfg, b, writer.rows, t + 1)
             rounds_bar.set_postfix_str(_postfix(row))
             rounds_bar.update(1)
     except KeyboardInterrupt:

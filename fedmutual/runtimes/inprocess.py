@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from fedmutual.engine.cohort import ClientJob, JobResult, count_steps, run_cohort, train_job
+from fedmutual.engine.phases import phase
 from fedmutual.errors import ConfigError, FedmutualError
 from fedmutual.protocol import Algorithm, Ask, ClientData, ClientEnv, Message, Replies, Round, State, Work
 from fedmutual.protocol.messages import encode
@@ -284,10 +285,11 @@ class InProcess:
         tensors = msg.tensors
         if src is not None and src in self.hostile:
             tensors = corrupt(self.cfg, tensors, like, content, self.round, src, party_name(dst))
-        data = encode(Message(dict(tensors), dict(msg.meta)))
-        self.traffic.add(party_name(src), party_name(dst), len(data), msg.meta, tensors)
         try:
-            out = receive(data, schema, self.max_bytes)
+            with phase("messages"):  # serialization, byte counting and validation
+                data = encode(Message(dict(tensors), dict(msg.meta)))
+                self.traffic.add(party_name(src), party_name(dst), len(data), msg.meta, tensors)
+                out = receive(data, schema, self.max_bytes)
         except MessageRejected as e:
             if src is None:  # a trusted party (the server) produced an invalid message: a bug, not a fault
                 raise FedmutualError(f"round {self.round + 1}: the message from server to {party_name(dst)} is invalid: {e.reason}") from None

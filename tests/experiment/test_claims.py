@@ -8,7 +8,10 @@ from typing import Any
 
 import pytest
 
-from fedmutual.experiment.claims import BEGIN, BUDGETS, END, _judge_dfml, _judge_dh, _judge_oscillation, _judge_table, _update_docs, reproduce
+from fedmutual.experiment.claims import (
+    BEGIN, BUDGETS, END, _judge_dfml, _judge_dfml_ablation, _judge_dh, _judge_oscillation, _judge_table, _judge_table_ablation,
+    _update_docs, reproduce,
+)
 from fedmutual.report.runs import RunRecord
 
 QUICK = BUDGETS["quick"]
@@ -67,6 +70,27 @@ def test_dfml_depends_on_the_baseline_when_it_beats_only_some() -> None:
     assert f.verdict.startswith("depends") and "3 of 4" in f.verdict
 
 
+def test_the_table_ablation_reads_fedprox_mu_and_the_budget_from_the_runs() -> None:
+    # QUICK: model lenet5, last partition shards:2, 2 rounds (the budget sweep runs 6)
+    table = _table({("lenet5", "shards:2"): {"fedavg": 0.60, "fedprox": 0.61}, ("lenet5", "iid"): {"fedavg": 0.80, "fml": 0.74}})
+    mu = [_rec("fedprox", s, v + 0.001 * s, model="lenet5", partition="shards:2", **{"fedprox.mu": m})
+          for m, v in ((0.1, 0.59), (1.0, 0.50)) for s in range(3)]
+    budget = [_rec(a, s, v + 0.001 * s, model="lenet5", partition="iid") for a, v in (("fedavg", 0.85), ("fml", 0.84)) for s in range(3)]
+    f = _judge_table_ablation({"fml-table1": table, "fedprox-mu": mu, "fml-budget": budget}, QUICK)
+    assert f.verdict == ("FedProx falls below FedAvg at μ = 0.1, 1; FML's IID gap to FedAvg narrows with the budget "
+                         "(-6.00 at 2 rounds, -1.00 at 6)")
+    assert "| 0.01 | 61.10 ± 0.10 | +1.00 [+1.00, +1.00] |" in f.lines and "| 1 | 50.10 ± 0.10 | -10.00 [-10.00, -10.00] |" in f.lines
+    assert "| 6 | 85.10 ± 0.10 | 84.10 ± 0.10 | -1.00 [-1.00, -1.00] |" in f.lines
+
+
+def test_the_dfml_ablation_says_whether_the_gap_closes_with_rounds() -> None:
+    homo = [_rec("dfml", s, 0.30 + 0.01 * s) for s in range(3)] + [_rec("dfedavg", s, 0.45) for s in range(3)]
+    longer = [_rec("dfml", s, 0.50 + 0.01 * s) for s in range(3)] + [_rec("dfedavg", s, 0.48) for s in range(3)]
+    f = _judge_dfml_ablation({"dfml-homo": homo, "dfml-budget": longer}, QUICK)
+    assert f.verdict == "DFML's gap to DFedAvg (WSM) closes with the budget (-14.00 at 2 rounds, +3.00 at 6)"
+    assert _judge_dfml_ablation({"dfml-homo": homo, "dfml-budget": []}, QUICK).verdict == "the budget runs are missing"
+
+
 def test_the_docs_section_is_replaced_between_its_markers(tmp_path: Path) -> None:
     doc = tmp_path / "results.md"
     doc.write_text(f"# Results\n\nintro\n\n{BEGIN}\nold\n{END}\n\n## Later\n")
@@ -79,7 +103,7 @@ def test_the_docs_section_is_replaced_between_its_markers(tmp_path: Path) -> Non
 def test_the_quick_pipeline_runs_every_claim_end_to_end(tmp_path: Path) -> None:
     report = reproduce("quick", tmp_path / "out", docs=tmp_path / "results.md", log=lambda m: None)
     text = report.read_text()
-    assert text.count("**Verdict: ") == 6 and "quick budget" in text
+    assert text.count("**Verdict: ") == 6 and text.count("**Finding: ") == 2 and "quick budget" in text
     assert (tmp_path / "results.md").read_text().count(BEGIN) == 1
     spec = (tmp_path / "out" / "quick" / "specs" / "fml-table1.toml").read_text()
     assert "seeds = [0, 1, 2]" in spec
@@ -87,7 +111,7 @@ def test_the_quick_pipeline_runs_every_claim_end_to_end(tmp_path: Path) -> None:
     assert done and set(done) == {"completed"}
     # judged again with every run complete: the wall time reported is still the time the sweeps took, not this call's
     wall = json.loads((tmp_path / "out" / "quick" / "timing.json").read_text())
-    assert set(wall) == {"fml-table1", "fml-mh", "fml-oh", "dfml-het", "dfml-homo", "dfedavg-ce", "dmlfl"} and min(wall.values()) > 0
+    assert set(wall) == {"fml-table1", "fml-mh", "fml-oh", "dfml-het", "dfml-homo", "dfedavg-ce", "dmlfl", "fedprox-mu", "fml-budget", "dfml-budget"} and min(wall.values()) > 0
     again = reproduce("quick", tmp_path / "out", log=lambda m: None).read_text()
     later = json.loads((tmp_path / "out" / "quick" / "timing.json").read_text())
     assert all(later[n] >= wall[n] for n in wall)

@@ -182,3 +182,25 @@ def test_each_client_is_labelled_and_evaluated_under_its_own_task():
     assert out["client_acc_global_test"] == pytest.approx([share(data.test_y, 0), float(upper[data.test_y].float().mean())])
     assert out["client_acc_global_test"][1] == pytest.approx(0.4)  # 4 of 10 balanced classes are upper body
     assert out["personal_acc"] == pytest.approx([share(b.clients[0].val_y, 0), share(b.clients[1].val_y, 0)])
+
+
+def test_evaluation_of_a_seeded_client_sample_measures_what_a_full_evaluation_measures(tmp_path):
+    """With more clients than eval_clients, each evaluated round measures a seeded sample (all clients at the
+    last round); the sampled clients' numbers are those a full evaluation gives, since evaluating draws nothing
+    that training uses."""
+    base = dict(algorithm="fml", clients=10, rounds=3, limit_train=600, limit_test=200, batch_size=32, threads=1,
+                progress=False, checkpoint_every=0, out=str(tmp_path))
+    full = run(Config(**base, eval_clients=None, name="full"), quiet=True).metrics
+    some = run(Config(**base, eval_clients=3, name="some"), quiet=True).metrics
+    again = run(Config(**base, eval_clients=3, name="again"), quiet=True).metrics
+    chosen = [[k for k, v in enumerate(r["personal_acc"]) if v is not None] for r in some]
+    assert [len(c) for c in chosen] == [3, 3, 10] and chosen[0] != chosen[1]
+    assert [r["evaluated_clients"] for r in some] == [3, 3, 10] and [r["evaluated_clients"] for r in full] == [10] * 3
+    assert chosen == [[k for k, v in enumerate(r["personal_acc"]) if v is not None] for r in again]  # seeded
+    for f, s, ks in zip(full, some, chosen):
+        assert s["global_acc"] == f["global_acc"]
+        for key in ("personal_acc", "client_acc_global_test"):
+            assert [s[key][k] for k in ks] == [f[key][k] for k in ks]
+            assert all(s[key][k] is None for k in range(10) if k not in ks)
+        assert s["personal_acc_mean"] == pytest.approx(sum(f["personal_acc"][k] for k in ks) / len(ks), abs=1e-12)
+    assert some[-1] == {**full[-1], "seconds": some[-1]["seconds"]}  # the last round measures everything
