@@ -177,6 +177,7 @@ def main() -> None:
     ap.add_argument("--engines", default="auto", help="engines for the workload, e.g. auto,loop")
     ap.add_argument("--models", default="mlp,lenet5,cnn1,cnn2,fedavgcnn")
     ap.add_argument("--clients", type=int, default=1000, help="clients of the scale section")
+    ap.add_argument("--limit-train", type=int, default=None, help="training samples of the workload (default: all 60,000)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     import torch
@@ -201,7 +202,7 @@ def main() -> None:
         if "workload" in only:
             preset = tomllib.loads(PRESET.read_text())
             base = {**preset, "rounds": args.rounds, "out": tmp, "progress": False, "checkpoint_every": 0,
-                    "threads": args.threads or None}
+                    "threads": args.threads or None, "limit_train": args.limit_train}
             print(f"\n## The peer workload: {PRESET.relative_to(ROOT)}, {args.rounds} rounds (round 1 is a warm-up)\n")
             print("| engine | round s, with evaluation | vs peer | round s, no evaluation | vs peer's training | peak RSS MB | final global acc |")
             print("|---|---|---|---|---|---|---|", flush=True)

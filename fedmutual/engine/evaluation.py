@@ -91,3 +91,48 @@ def shared_accuracies(
         if ident not in acc:
             acc[ident] = accuracy(m, x, y, batch_size)
     return [acc[id(m)] for m in models]
+
+
+@torch.no_grad()
+def _stacked_own_correct(models: Sequence[nn.Module], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch: int) -> list[int]:
+    """Correct predictions of each model on its own (x, y), all of equal length, in one stacked forward per batch."""
+    stack = StackedModel(models).train(False)
+    x, y = torch.stack(list(xs)), torch.stack(list(ys))  # [S, n, ...], [S, n]
+    correct = torch.zeros(len(models), dtype=torch.int64, device=x.device)
+    for s in range(0, y.shape[1], batch):
+        logits = stack.forward(x[:, s : s + batch])  # [S, b, C]
+        pred = (logits[..., 0] > 0).long() if logits.shape[-1] == 1 else logits.argmax(-1)
+        correct += (pred == y[:, s : s + batch]).sum(1)
+    return correct.tolist()
+
+
+def own_accuracies(
+    models: Sequence[nn.Module], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], batch_size: int = 1000,
+    engine: str = "auto",
+) -> list[float]:
+    """Top-1 accuracy of each model on its own data (``models[i]`` on ``(xs[i], ys[i])``), in evaluation mode.
+
+    The clients' validation splits: models of one architecture whose data have equal lengths run stacked, under
+    the rules of :func:`shared_accuracies` (``auto``: models with convolutions); the rest run one by one.
+    """
+    acc: dict[int, float] = {}
+    if engine != "loop":
+        groups: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+        for i, (m, x, y) in enumerate(zip(models, xs, ys)):
+            key = _stack_key(m, x) if len(y) else None
+            if key is not None:
+                groups[(key, len(y))].append(i)
+        for ((_, foot), n), ids in groups.items():
+            unique = {id(models[i]) for i in ids}
+            if len(unique) < len(ids) or len(ids) < 2 or (engine == "auto" and foot.conv_macs == 0):
+                continue  # a model listed twice, one model, or a linear-only model: one by one
+            params = 4 * sum(p.numel() for p in models[ids[0]].parameters())
+            per_call = max(1, min(len(ids), EVAL_PARAMETER_BUDGET // params, EVAL_SAMPLES_PER_CALL // EVAL_MIN_BATCH))
+            for s in range(0, len(ids), per_call):
+                chunk = ids[s : s + per_call]
+                batch = max(1, min(batch_size, EVAL_SAMPLES_PER_CALL // len(chunk),
+                                   EVAL_ACTIVATION_BUDGET // (4 * len(chunk) * foot.activation)))
+                got = _stacked_own_correct([models[i] for i in chunk], [xs[i] for i in chunk], [ys[i] for i in chunk], batch)
+                for i, c in zip(chunk, got):
+                    acc[i] = c / n
+    return [acc[i] if i in acc else accuracy(m, x, y, batch_size) for i, (m, x, y) in enumerate(zip(models, xs, ys))]

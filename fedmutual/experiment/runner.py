@@ -20,7 +20,7 @@ from fedmutual.config import Config, validate
 from fedmutual.data import ArrayDataset
 from fedmutual.data.folds import RoundData, load_public_dataset
 from fedmutual.engine.cohort import accuracy
-from fedmutual.engine.evaluation import shared_accuracies
+from fedmutual.engine.evaluation import own_accuracies, shared_accuracies
 from fedmutual.engine.phases import phase
 from fedmutual.engine.setup import configure_threads, resolve_device
 from fedmutual.errors import DataError, NonFiniteLossError
@@ -171,14 +171,16 @@ def _evaluate_here(b: Built, cfg: Config, server: Any, chosen: list[int]) -> dic
             cache[id(model)] = accuracy(model, test_x, test_y, bs)
         return cache[id(model)]
 
+    with phase("eval.val"):  # each model on its client's validation split, stacked where it pays
+        with_val = [k for k in chosen if b.clients[k].val_y.numel()]
+        vals = dict(zip(with_val, own_accuracies([models[k] for k in with_val], [b.clients[k].val_x for k in with_val],
+                                                 [b.clients[k].val_y for k in with_val], bs, cfg.engine)))
     per_client: list[dict[str, Any]] = []
     for k, d in enumerate(b.clients):
         if k not in states:
             per_client.append({"test": None, "val": None, "extra": {name: None for name in (extras[chosen[0]] if chosen else {})}})
             continue
-        with phase("eval.val"):
-            val = accuracy(models[k], d.val_x, d.val_y, bs) if d.val_y.numel() else None
-        per_client.append({"test": client_test_acc(models[k], d), "val": val,
+        per_client.append({"test": client_test_acc(models[k], d), "val": vals.get(k),
                            "extra": {name: client_test_acc(m, d) for name, m in extras[k].items()}})
     return assemble_accuracies(cache[id(g)] if g is not None else None, per_client)
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from fedmutual.engine.cohort import accuracy
-from fedmutual.engine.evaluation import _stacked_correct, shared_accuracies
+from fedmutual.engine.evaluation import _stacked_correct, own_accuracies, shared_accuracies
 from fedmutual.models import build_model
 
 U64, U32 = 2.0**-53, 2.0**-24
@@ -142,3 +142,21 @@ def test_shared_accuracies_keep_order_and_evaluate_a_repeated_model_once():
             assert abs(round(a * len(y)) - round(e * len(y))) <= d, f"{engine}: model {i}"
         assert accs[0] == accs[3]  # the same model
     assert len(calls) == 3 * 3  # once per engine, 3 batches each, although listed twice
+
+
+@pytest.mark.parametrize("name", ["lenet5", "fedavgcnn"])
+def test_each_model_on_its_own_data_counts_what_it_predicts_alone(name):
+    """own_accuracies (validation splits): model i on data i, stacked where lengths and architectures agree, within
+    the samples rounding may decide of each model's own predictions; the loop engine is the plain computation."""
+    models = _models(name, k=4)
+    data = [_data(150, seed=s) for s in range(3)] + [_data(90, seed=3)]  # the last length differs: alone
+    xs, ys = [x for x, _ in data], [y for _, y in data]
+    refs = [reference(m, x, y) for m, x, y in zip(models, xs, ys)]
+    loop = own_accuracies(models, xs, ys, batch_size=64, engine="loop")
+    assert loop == [accuracy(m, x, y, 64) for m, x, y in zip(models, xs, ys)]
+    for engine in ("stacked", "auto"):
+        accs = own_accuracies(models, xs, ys, batch_size=64, engine=engine)
+        _assert_counts(refs, [round(a * len(y)) for a, y in zip(accs, ys)], engine)
+    mixed = [models[0], _models("mlp", k=1)[0], models[0]]  # other architectures and a repeated model: one by one
+    assert own_accuracies(mixed, xs[:3], ys[:3], engine="stacked") == [accuracy(m, x, y) for m, x, y in zip(mixed, xs[:3], ys[:3])]
+    assert own_accuracies([], [], []) == []
