@@ -15,6 +15,8 @@ Everything is measured in one invocation, each run in a subprocess of its own (s
    :mod:`fedmutual.engine.phases` (mean per round, round 1 included).
 4. **Scale**: FML with 1,000 LeNet5 clients of 60 samples each (iid): a round with evaluation of the default
    client sample, with every client evaluated, and without evaluation; peak memory.
+5. **Many clients**: FML with 10,000 LeNet5 clients, 1% sampled per round, with the clients' states on disk
+   (``client_states = "disk"``) and in memory: set-up, round and evaluation times, memory and bytes per client.
 
     python benchmarks/speed.py                 # everything (about 15 minutes on 2 cores)
     python benchmarks/speed.py --only peak,roofline
@@ -126,6 +128,36 @@ print(json.dumps({"samples_s": best, "flops_per_sample": flops, "gflops": best *
 """
 
 
+MANY_CHILD = r"""
+import json, resource, sys, time
+from fedmutual import Config
+from fedmutual.engine.setup import configure_threads
+from fedmutual.experiment.runner import build, evaluate
+from fedmutual.runtimes.faults import plan_round
+cfg = Config.model_validate_json(sys.argv[1])
+configure_threads(cfg.threads)
+start = time.perf_counter()
+b = build(cfg, log=lambda m: None)
+rt = b.runtime
+rt.setup()
+built = time.perf_counter() - start
+rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rounds, evals = [], []
+for t in range(cfg.rounds):
+    sampled = b.alg.sample(t)
+    plan = plan_round(cfg, t, sampled)
+    s = time.perf_counter()
+    rt.run_round(t, [k for k in sampled if k not in plan.dropped], plan)
+    rounds.append(time.perf_counter() - s)
+    s = time.perf_counter()
+    row = evaluate(b, cfg, t, last=False)
+    evals.append(time.perf_counter() - s)
+disk = rt.bytes_on_disk() if hasattr(rt, "bytes_on_disk") else 0
+print(json.dumps({"build_s": built, "rounds": rounds, "evals": evals, "evaluated": row["evaluated_clients"], "sampled": len(sampled),
+                  "rss_built_mb": rss_built, "maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "disk_mb": disk / 2**20}))
+"""
+
+
 def child(code: str, *args: str) -> dict:
     out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
     if out.returncode != 0:
@@ -171,12 +203,13 @@ def breakdown(r: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="peak,roofline,workload,scale", help="sections to run, comma-separated")
+    ap.add_argument("--only", default="peak,roofline,workload,scale,many", help="sections to run, comma-separated")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: the available cores)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the workload runs (the first is a warm-up)")
     ap.add_argument("--engines", default="auto", help="engines for the workload, e.g. auto,loop")
     ap.add_argument("--models", default="mlp,lenet5,cnn1,cnn2,fedavgcnn")
     ap.add_argument("--clients", type=int, default=1000, help="clients of the scale section")
+    ap.add_argument("--many", type=int, default=10_000, help="clients of the sampled-federation section (1%% per round)")
     ap.add_argument("--limit-train", type=int, default=None, help="training samples of the workload (default: all 60,000)")
     args = ap.parse_args()
     only = set(args.only.split(","))
@@ -227,10 +260,31 @@ def main() -> None:
             print(f"\n## Scale: FML, {n} LeNet5 clients of 60 samples (iid), round 2 timed\n")
             print("| evaluation | round s | evaluated clients | peak RSS MB |\n|---|---|---|---|", flush=True)
             for label, over in (("none", {"eval_every": 10_000, "rounds": 3}),
-                                ("a seeded sample (the default, eval_clients = 100)", {"eval_every": 1, "rounds": 3}),
+                                ("a seeded sample (the default, eval_clients = 20)", {"eval_every": 1, "rounds": 3}),
                                 ("every client", {"eval_every": 1, "eval_clients": None})):
                 r = fml_run({**base, **over, "name": f"scale-{len(label)}"})
                 print(f"| {label} | {r['seconds'][1]:.1f} | {r['evaluated_clients'][1]} | {r['maxrss_mb']:.0f} |", flush=True)
+        if "many" in only:
+            from fedmutual import Config
+
+            n = args.many
+            base = {"algorithm": "fml", "dataset": "fashion-mnist", "partition": "iid", "clients": n, "model": "lenet5",
+                    "sample_fraction": 0.01, "rounds": 3, "local_epochs": 1, "out": tmp, "progress": False,
+                    "checkpoint_every": 0, "threads": args.threads or None}
+            print(f"\n## Many clients: FML, {n} LeNet5 clients on all 60,000 samples (iid), 1% sampled per round, "
+                  "rounds 2-3 timed, evaluation of the default sample after each round\n")
+            print("| client states | set-up s | round s (training) | evaluation s | evaluated | peak RSS MB | RSS after set-up MB "
+                  "| state files MB | per client (disk: file; memory: RSS above the disk run) |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+            baseline = 0.0
+            for store in ("disk", "memory"):
+                r = child(MANY_CHILD, Config(**{**base, "client_states": store}).model_dump_json())
+                # per client: its state file on disk; in memory, the RSS above the disk run's (which holds no states)
+                per = r["disk_mb"] / n if store == "disk" else (r["rss_built_mb"] - baseline) / n
+                baseline = r["rss_built_mb"]
+                print(f"| {store} | {r['build_s']:.0f} | {_median(r['rounds'][1:]):.2f} | {_median(r['evals'][1:]):.1f} | "
+                      f"{r['evaluated']} of {n} | {r['maxrss_mb']:.0f} | {r['rss_built_mb']:.0f} | {r['disk_mb']:.0f} | "
+                      f"{per * 1024:.0f} KB |", flush=True)
+
 
 if __name__ == "__main__":
     main()

@@ -32,7 +32,7 @@ _FLAGS: list[tuple[str, str, type, str]] = [
     ("--out", "out", str, "parent directory of run directories (default runs/)"),
     ("--eval-every", "eval_every", int, "evaluate every N rounds, and always the last (default 1)"),
     ("--eval-clients", "eval_clients", int, "measure at most N clients' models per evaluated round, a seeded sample "
-     "drawn each round; all of them at the last round (default 100)"),
+     "drawn each round; all of them at the last round (default 20)"),
     ("--name", "name", str, "run directory name (default: derived from the config and time)"),
     ("--checkpoint-every", "checkpoint_every", int, "write a checkpoint every N rounds, 0 for none (default 1)"),
 ]

@@ -127,8 +127,9 @@ class Config(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(default=None, ge=1)
     engine: Literal["auto", "stacked", "loop"] = "auto"
+    client_states: Literal["memory", "disk"] = "memory"  # disk: each client's state in a file between rounds (many clients)
     eval_every: int = Field(default=1, ge=1)
-    eval_clients: int | None = Field(default=100, ge=1)  # clients measured per evaluated round (a seeded sample); None: all
+    eval_clients: int | None = Field(default=20, ge=1)  # clients measured per evaluated round (a seeded sample); None: all
     eval_batch_size: int = Field(default=256, ge=1)  # 256 ran 1.5x faster than 1000 for conv models (cache)
     out: str = "runs"
     name: str | None = None

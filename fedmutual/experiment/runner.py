@@ -34,6 +34,7 @@ from fedmutual.report.plots import plot_run
 from fedmutual.report.tables import markdown_table, summary_rows
 from fedmutual.runtimes.faults import RoundEvents, plan_round
 from fedmutual.runtimes.inprocess import InProcess, client_envs, party_name
+from fedmutual.runtimes.ondisk import OnDisk
 from fedmutual.seeding import derive_seed, numpy_rng
 
 
@@ -100,6 +101,8 @@ def build(cfg: Config, data: Prepared | ArrayDataset | None = None, partition: S
           log: Callable[[str], None] | None = None, runtime: Callable[..., InProcess] = InProcess) -> Built:
     """Everything a run needs before its directory exists: :func:`prepare_run` and the runtime holding its parties."""
     p = prepare_run(cfg, data, partition)
+    if runtime is InProcess and cfg.client_states == "disk":
+        runtime = OnDisk
     rt = runtime(p.alg, client_envs(p.alg, p.clients), log=log)
     return Built(p.data, p.alg, rt, p.clients, p.test_x, p.test_y)
 
@@ -146,8 +149,25 @@ def evaluate(b: Built, cfg: Config, t: int = 0, last: bool = True) -> dict[str, 
         return out
 
 
+EVAL_CHUNK = 128  # clients evaluated together: their states are in memory at once
+
+
+def _merge_evaluations(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One evaluation from evaluations of disjoint groups of clients (each with None for the others' entries)."""
+    per_client = []
+    for k in range(len(parts[0]["client_acc_global_test"])):
+        owner = next((p for p in parts if p["client_acc_global_test"][k] is not None or p["personal_acc"][k] is not None), parts[0])
+        extra = {name[: -len("_acc_global_test")]: owner[name][k] for name in owner
+                 if name.endswith("_acc_global_test") and name != "client_acc_global_test"}
+        per_client.append({"test": owner["client_acc_global_test"][k], "val": owner["personal_acc"][k], "extra": extra})
+    return assemble_accuracies(parts[0]["global_acc"], per_client)
+
+
 def _evaluate_here(b: Built, cfg: Config, server: Any, chosen: list[int]) -> dict[str, Any]:
     """:func:`evaluate` on states held in this process: every chosen model on the shared test set in one call."""
+    if len(chosen) > EVAL_CHUNK:  # a bounded number of clients' states at a time (they may come from disk)
+        parts = [_evaluate_here(b, cfg, server, chosen[s : s + EVAL_CHUNK]) for s in range(0, len(chosen), EVAL_CHUNK)]
+        return _merge_evaluations(parts)
     alg, rt, test_x, test_y, bs = b.alg, b.runtime, b.test_x, b.test_y, cfg.eval_batch_size
     states = {k: rt.client_state(k) for k in chosen}
 
