@@ -23,7 +23,7 @@ from fedmutual.engine.cohort import accuracy
 from fedmutual.engine.evaluation import own_accuracies, shared_accuracies
 from fedmutual.engine.phases import phase
 from fedmutual.engine.setup import configure_threads, resolve_device
-from fedmutual.errors import DataError, NonFiniteLossError
+from fedmutual.errors import DataError, FedmutualError, NonFiniteLossError
 from fedmutual.experiment import checkpoint
 from fedmutual.experiment.checkpoint import CheckpointError
 from fedmutual.experiment.data import Prepared, client_data, client_tasks, partition_record, prepare_data, recorded_fields
@@ -387,8 +387,13 @@ def _restore(run_dir: Path, cfg: Config, b: Built, log: Any) -> tuple[int, list[
         log(f"fedmutual: {run_dir} has no checkpoint yet; starting again from round 1")
         start, rows = 0, []
     else:
-        if ck.data["config"] != cfg.to_dict():
-            changed = sorted(k for k in set(ck.data["config"]) | set(cfg.to_dict()) if ck.data["config"].get(k) != cfg.to_dict().get(k))
+        saved = ck.data["config"]
+        try:  # a setting added since the checkpoint was written takes its default on both sides
+            saved = validate(saved).to_dict()
+        except FedmutualError:
+            pass
+        if saved != cfg.to_dict():
+            changed = sorted(k for k in set(saved) | set(cfg.to_dict()) if saved.get(k) != cfg.to_dict().get(k))
             raise CheckpointError(f"{run_dir}/config.json differs from the config of checkpoint {ck.path.name} in: {', '.join(changed)}; "
                                   "restore config.json or start a new run")
         if ck.data["partition"] != _partition_json(b.data):

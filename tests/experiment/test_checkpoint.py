@@ -143,6 +143,27 @@ def test_an_edited_config_is_refused(finished):
         resume(run_dir, quiet=True)
 
 
+def test_a_checkpoint_from_before_a_setting_existed_resumes_with_its_default(finished):
+    """A run written before a config setting was added (its files lack the key) resumes: the setting takes its default."""
+    run_dir, data, metrics = finished
+    shutil.rmtree(list_checkpoints(run_dir / "checkpoints")[0])  # resume from round 2's checkpoint, as if the run stopped there
+    d = list_checkpoints(run_dir / "checkpoints")[0]
+    assert d.name.endswith("2")
+    state = json.loads((d / "state.json").read_text())
+    for key in ("eval_clients", "client_states"):
+        del state["config"][key]
+    (d / "state.json").write_text(json.dumps(state))
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["sha256"]["state.json"] = checkpoint._sha256(d / "state.json")
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    cfg = json.loads((run_dir / "config.json").read_text())
+    for key in ("eval_clients", "client_states"):
+        del cfg[key]
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    res = resume(run_dir, quiet=True, data=data)
+    assert _untimed(res.run_dir / "metrics.jsonl") == metrics
+
+
 def test_resume_needs_a_run_directory(tmp_path):
     with pytest.raises(CheckpointError, match=r"not a run directory \(it has no config.json\)"):
         resume(tmp_path)
