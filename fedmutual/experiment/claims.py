@@ -451,11 +451,17 @@ def reproduce(budget: str = "full", out: str | Path = "runs/reproduce", workers:
         spec = {**spec, "config": str(cfg_root / spec["config"])} if spec.get("config") else spec
         (specs_dir / f"{name}.toml").write_text(_toml(spec, name))
         sweep = sweep_from_spec({**spec, "name": name}, specs_dir / f"{name}.toml", out=root)
-        t0 = time.perf_counter()
-        say(f"fedmutual: reproduce ({budget}): sweep {name}, {len(sweep.points)} runs")
-        run_sweep(sweep, workers=workers, log=say)
-        wall[name] = wall.get(name, 0.0) + time.perf_counter() - t0
-        timing_file.write_text(json.dumps(wall, indent=1) + "\n")
+        t0, before = time.perf_counter(), wall.get(name, 0.0)
+
+        def tick(msg: str, name: str = name, t0: float = t0, before: float = before) -> None:
+            """Log, and record the sweep's wall time so far: an invocation that is killed keeps what it spent."""
+            wall[name] = before + time.perf_counter() - t0
+            timing_file.write_text(json.dumps(wall, indent=1) + "\n")
+            say(msg)
+
+        tick(f"fedmutual: reproduce ({budget}): sweep {name}, {len(sweep.points)} runs")
+        run_sweep(sweep, workers=workers, log=tick)
+        tick(f"fedmutual: reproduce ({budget}): sweep {name} done")
         runs[name] = find_runs([sweep.dir])
     text = _write(claims, b, runs, specs, wall, workers, root, specs_dir)
     report = root / "claims.md"
